@@ -1,0 +1,70 @@
+"""Plain PyTorch LRKV attention: the oracle every other backend is tested against (spec lrkv.md §10).
+
+K_h = rope(k_s + z_k[:, h] @ b_k[h]);  V_h = v_s + z_v[:, h] @ b_v[h]
+o[:, h] = softmax(q[:, h] K_h^T * scale + causal_mask) V_h
+
+Queries may be shorter than keys (incremental decoding): query i then sits at key position Tk - Tq + i
+(bottom-right aligned causal mask), and cos/sin cover the Tk key positions.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (GPT-NeoX / Llama). x: (..., T, D); cos, sin: (T, D/2), broadcast over leading dims."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_attention(q, k, v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """SDPA with a bottom-right aligned causal mask. q: (B, H, Tq, E), k: (B, H, Tk, E), v: (B, H, Tk, Ev)."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if not causal or tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin) -> None:
+    """Raise one ValueError naming the first argument whose shape or dtype breaks the op contract."""
+    if q.dim() != 4:
+        raise ValueError(f"lrkv_attention: q must be (B, H, T, D), got shape {tuple(q.shape)}")
+    B, H, Tq, D = q.shape
+    if D % 2:
+        raise ValueError(f"lrkv_attention: head_dim must be even for RoPE, got {D}")
+    Tk = k_s.shape[1] if k_s.dim() == 3 else -1
+    r_k = z_k.shape[-1] if z_k.dim() == 4 else -1
+    r_v = z_v.shape[-1] if z_v.dim() == 4 else -1
+    expected = {  # name: (tensor, shape, shape in words)
+        "k_s": (k_s, (B, Tk, D), "(B, T, D)"),
+        "v_s": (v_s, (B, Tk, D), "(B, T, D)"),
+        "z_k": (z_k, (B, H, Tk, r_k), "(B, H, T, r_k)"),
+        "z_v": (z_v, (B, H, Tk, r_v), "(B, H, T, r_v)"),
+        "b_k": (b_k, (H, r_k, D), "(H, r_k, D)"),
+        "b_v": (b_v, (H, r_v, D), "(H, r_v, D)"),
+        "cos": (cos, (Tk, D // 2), "(T, D/2)"),
+        "sin": (sin, (Tk, D // 2), "(T, D/2)"),
+    }
+    for name, (t, shape, words) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"lrkv_attention: {name} must be {words} = {shape} given q {tuple(q.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if Tq > Tk:
+        raise ValueError(f"lrkv_attention: more queries ({Tq}) than keys ({Tk})")
+    for name, t in (("k_s", k_s), ("v_s", v_s), ("z_k", z_k), ("z_v", z_v), ("b_k", b_k), ("b_v", b_v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"lrkv_attention: {name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"lrkv_attention: expected floating-point inputs, got {q.dtype}")
+
+
+def lrkv_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal: bool = True, scale: float | None = None):
+    """Reference LRKV attention; materialises per-head K/V, then SDPA. Shapes: see module docstring / spec §10."""
+    check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin)
+    k = rope(k_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_k, b_k), cos, sin)
+    v = v_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_v, b_v)
+    return causal_attention(q, k, v, causal, scale)

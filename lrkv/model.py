@@ -1,0 +1,305 @@
+"""Decoder-only transformer with every attention variant in one place: mha, gqa, mqa, mla, lrkv.
+
+Pre-norm blocks (RMSNorm), rotate-half RoPE, SwiGLU MLP, no biases (except Qwen2-style q/k/v biases for
+imported checkpoints), optional tied embeddings. Every attention module has the same interface,
+
+    forward(x, positions, cache=None) -> y          x: (B, T, d), positions: (T,) absolute positions
+
+owns its cache layout (what it appends to a KVCache), and reports `kv_numbers_per_token` and
+`num_flops_per_token(seq_len)`. Parameters are initialised inside each module's constructor, so a
+DeepSpeed ZeRO-3 `zero.Init` context that partitions a module right after its __init__ sees them set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lrkv.config import ModelConfig
+from lrkv.kernels import lrkv_attention
+from lrkv.kernels.reference import causal_attention, rope
+from lrkv.kernels.reference import lrkv_attention as lrkv_attention_reference
+
+
+def rope_tables(positions: torch.Tensor, dim: int, theta: float, scaling: dict | None = None):
+    """cos, sin of shape (T, dim/2) in fp32 for the given absolute positions (Llama-3 scaling optional)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+    if scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, scaling)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama-3.1 frequency-dependent RoPE scaling: long wavelengths slowed by `factor`, a smooth band between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class KVCache:
+    """One layer's incremental cache: named tensors laid out (B, T, ...), grown by doubling.
+
+    Each attention variant decides what it stores (LRKV: shared k, v and per-head latents, never per-head K/V).
+    Positions are implicit: the cache holds tokens 0..length-1 of every batch row.
+    """
+
+    def __init__(self):
+        self.length = 0
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def append(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Append T new steps of each named tensor; return views of everything cached so far."""
+        steps = next(iter(new.values())).shape[1]
+        end = self.length + steps
+        for name, t in new.items():
+            buf = self.buffers.get(name)
+            if buf is None or buf.shape[1] < end:
+                grown = t.new_empty(t.shape[0], max(end, 2 * (0 if buf is None else buf.shape[1]), 16), *t.shape[2:])
+                if buf is not None:
+                    grown[:, : self.length] = buf[:, : self.length]
+                self.buffers[name] = buf = grown
+            buf[:, self.length : end] = t
+        self.length = end
+        return {name: buf[:, :end] for name, buf in self.buffers.items()}
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one batch row occupies, measured from the cache tensors themselves."""
+        return sum(b[0, 0].numel() * b.element_size() for b in self.buffers.values())
+
+
+def _linear(d_in: int, d_out: int, std: float, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    nn.init.normal_(layer.weight, std=std)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Parameters that enter a matmul once per token (weights of rank >= 2); 6x this is their training FLOPs."""
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+
+
+class Attention(nn.Module):
+    """Shared bookkeeping: FLOPs = 6 x projection params + the attention core (non-causal convention)."""
+
+    n_head: int
+    qk_dim: int
+    v_dim: int
+    kv_numbers_per_token: int  # cached numbers per token for this layer
+
+    def num_flops_per_token(self, seq_len: int) -> int:
+        # core fwd: 2*T*qk (scores) + 2*T*v (mix) per head; bwd doubles it -> 6*H*T*(qk + v)
+        return 6 * matmul_params(self) + 6 * self.n_head * seq_len * (self.qk_dim + self.v_dim)
+
+    def rope(self, positions: torch.Tensor, dim: int):
+        return rope_tables(positions, dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+
+
+class GroupedQueryAttention(Attention):
+    """MHA (kv_heads = n_head), GQA (kv_heads groups) and MQA (kv_heads = 1). Caches rotated k and v per KV head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, G, D = cfg.n_head, cfg.kv_heads, cfg.dh
+        self.n_head, self.n_kv_head, self.head_dim = H, G, D
+        self.qk_dim = self.v_dim = D
+        self.kv_numbers_per_token = 2 * G * D
+        self.qkv = _linear(cfg.d_model, (H + 2 * G) * D, cfg.init_std, bias=cfg.qkv_bias)
+        self.proj = _linear(H * D, cfg.d_model, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x, positions, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, G * D, G * D], dim=-1)
+        cos, sin = self.rope(positions, D)
+        q = rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = rope(k.view(B, T, G, D).transpose(1, 2), cos, sin)
+        v = v.view(B, T, G, D).transpose(1, 2)
+        if cache is not None:
+            full = cache.append(k=k.transpose(1, 2), v=v.transpose(1, 2))
+            k, v = full["k"].transpose(1, 2), full["v"].transpose(1, 2)
+        if G != H:
+            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+        y = causal_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class LRKVAttention(Attention):
+    """LRKV (spec lrkv.md §1): K_h = X W_K^s + (X A_h^K) B_h^K, V_h likewise; RoPE on the reconstructed K_h.
+
+    One fused GEMM gives [q | k_s | v_s | z_k (H*r_k) | z_v (H*r_v)]; the cache holds k_s, v_s (pre-RoPE)
+    and the per-head latents z_k, z_v, i.e. 2*d_h + H*(r_k + r_v) numbers per token.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D, rk, rv = cfg.n_head, cfg.dh, cfg.rank_k, cfg.rank_v
+        self.n_head, self.head_dim, self.rank_k, self.rank_v = H, D, rk, rv
+        self.qk_dim = self.v_dim = D
+        self.kv_numbers_per_token = 2 * D + H * (rk + rv)
+        self.qkv = _linear(cfg.d_model, H * D + 2 * D + H * (rk + rv), cfg.init_std)
+        self.b_k = nn.Parameter(torch.empty(H, rk, D))
+        self.b_v = nn.Parameter(torch.empty(H, rv, D))
+        for b, r in ((self.b_k, rk), (self.b_v, rv)):
+            if cfg.lrkv_b_init == "zero":  # step 0 is exactly MQA; heads diverge through their queries
+                nn.init.zeros_(b)
+            else:
+                nn.init.normal_(b, std=0.5 / math.sqrt(max(r, 1)))
+        self.proj = _linear(H * D, cfg.d_model, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def project(self, x):
+        """x (B, T, d) -> q (B, H, T, D) un-rotated, k_s, v_s (B, T, D), z_k (B, T, H, r_k), z_v (B, T, H, r_v)."""
+        B, T, _ = x.shape
+        H, D, rk, rv = self.n_head, self.head_dim, self.rank_k, self.rank_v
+        q, k_s, v_s, z_k, z_v = self.qkv(x).split([H * D, D, D, H * rk, H * rv], dim=-1)
+        return q.view(B, T, H, D).transpose(1, 2), k_s, v_s, z_k.view(B, T, H, rk), z_v.view(B, T, H, rv)
+
+    def forward(self, x, positions, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q, k_s, v_s, z_k, z_v = self.project(x)
+        cos, sin = self.rope(positions, self.head_dim)
+        q = rope(q, cos, sin)
+        if cache is not None:
+            full = cache.append(k_s=k_s, v_s=v_s, z_k=z_k, z_v=z_v)
+            k_s, v_s, z_k, z_v = full["k_s"], full["v_s"], full["z_k"], full["z_v"]
+            cos, sin = self.rope(torch.arange(cache.length, device=x.device), self.head_dim)
+        attend = lrkv_attention if self.cfg.attn_impl == "triton" else lrkv_attention_reference
+        y = attend(q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), self.b_k, self.b_v, cos, sin, causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MultiHeadLatentAttention(Attention):
+    """MLA (DeepSeek-V2): KV compressed to an RMSNorm'd latent c (d_c) plus one decoupled RoPE key (d_R)
+    shared by heads; queries direct or through their own latent (d_c'). Caches c and the rotated k_R."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D, dc, dq, dr = cfg.n_head, cfg.dh, cfg.mla_kv_rank, cfg.mla_q_rank, cfg.mla_rope_dim
+        self.n_head, self.head_dim, self.kv_rank, self.rope_dim = H, D, dc, dr
+        self.qk_dim, self.v_dim = D + dr, D
+        self.kv_numbers_per_token = dc + dr
+        std = cfg.init_std
+        if dq > 0:
+            self.wq_a = _linear(cfg.d_model, dq, std)
+            self.q_norm = nn.RMSNorm(dq, eps=cfg.norm_eps)
+            self.wq_b = _linear(dq, H * (D + dr), std)
+        else:
+            self.wq = _linear(cfg.d_model, H * (D + dr), std)
+        self.wkv_a = _linear(cfg.d_model, dc + dr, std)  # [W^DKV | W^KR]
+        self.kv_norm = nn.RMSNorm(dc, eps=cfg.norm_eps)
+        self.wkv_b = _linear(dc, H * 2 * D, std)  # per head [W^UK_h | W^UV_h]
+        self.proj = _linear(H * D, cfg.d_model, std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x, positions, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        H, D, dr = self.n_head, self.head_dim, self.rope_dim
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.mla_q_rank > 0 else self.wq(x)
+        q_nope, q_pe = q.view(B, T, H, D + dr).transpose(1, 2).split([D, dr], dim=-1)
+        c, k_pe = self.wkv_a(x).split([self.kv_rank, dr], dim=-1)
+        cos, sin = self.rope(positions, dr)
+        q_pe, k_pe = rope(q_pe, cos, sin), rope(k_pe, cos, sin)
+        c = self.kv_norm(c)
+        if cache is not None:
+            full = cache.append(c=c, k_pe=k_pe)
+            c, k_pe = full["c"], full["k_pe"]
+        Tk = c.shape[1]
+        k_nope, v = self.wkv_b(c).view(B, Tk, H, 2 * D).transpose(1, 2).split([D, D], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(B, H, Tk, dr)), dim=-1)
+        y = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, scale=1.0 / math.sqrt(D + dr))
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+ATTENTION = {
+    "mha": GroupedQueryAttention,
+    "gqa": GroupedQueryAttention,
+    "mqa": GroupedQueryAttention,
+    "lrkv": LRKVAttention,
+    "mla": MultiHeadLatentAttention,
+}
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = _linear(cfg.d_model, 2 * cfg.ffn_dim, cfg.init_std)  # [gate | up]
+        self.proj = _linear(cfg.ffn_dim, cfg.d_model, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x):
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.attn not in ATTENTION:
+            raise ValueError(f"unknown attention type '{cfg.attn}', expected one of {sorted(ATTENTION)}")
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = ATTENTION[cfg.attn](cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, positions, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = _linear(cfg.d_model, cfg.vocab_size, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[KVCache] | None = None):
+        """Logits (B, T, V); with targets, the mean next-token cross-entropy instead (targets -100 ignored)."""
+        B, T = idx.shape
+        start = cache[0].length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.embed(idx)
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache is not None else None
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, positions, layer_cache, use_reentrant=False)
+            else:
+                x = layer(x, positions, layer_cache)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def num_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (fwd + bwd) per token: 6 x matmul params + attention core; embedding lookup excluded."""
+        body = sum(layer.attn.num_flops_per_token(seq_len) + 6 * matmul_params(layer.mlp) for layer in self.layers)
+        return body + 6 * self.lm_head.weight.numel()
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes per token over all layers (bf16 by default), from each variant's layout."""
+        return dtype_bytes * sum(layer.attn.kv_numbers_per_token for layer in self.layers)
