@@ -165,6 +165,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         base = typing.get_origin(option) or option
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base in (str, bool, dict, list) and isinstance(value, base):

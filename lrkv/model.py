@@ -3,7 +3,8 @@
 Pre-norm blocks (RMSNorm), rotate-half RoPE, SwiGLU MLP, no biases (except Qwen2-style q/k/v biases for
 imported checkpoints), optional tied embeddings. Every attention module has the same interface,
 
-    forward(x, positions, cache=None) -> y          x: (B, T, d), positions: (T,) absolute positions
+    forward(x, positions, cache=None, key_valid=None) -> y
+        x: (B, T, d); positions: (T,) absolute positions; key_valid: (B, Tk) bool, False = left padding
 
 owns its cache layout (what it appends to a KVCache), and reports `kv_numbers_per_token` and
 `num_flops_per_token(seq_len)`. Parameters are initialised inside each module's constructor, so a
@@ -77,6 +78,27 @@ class KVCache:
         return sum(b[0, 0].numel() * b.element_size() for b in self.buffers.values())
 
 
+class ModelCache:
+    """Per-layer KV caches plus the key-validity history of left-padded batches (kept only once padding is seen)."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [KVCache() for _ in range(n_layer)]
+        self.valid = KVCache()
+        self.padded = False
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def key_valid(self, valid: torch.Tensor | None, batch: int, steps: int, device) -> torch.Tensor | None:
+        """Record the new tokens' validity; return the mask over all cached keys, or None if nothing is padded."""
+        self.padded = self.padded or valid is not None
+        if valid is None:
+            valid = torch.ones(batch, steps, dtype=torch.bool, device=device)
+        history = self.valid.append(valid=valid)["valid"]
+        return history if self.padded else None
+
+
 def _linear(d_in: int, d_out: int, std: float, bias: bool = False) -> nn.Linear:
     layer = nn.Linear(d_in, d_out, bias=bias)
     nn.init.normal_(layer.weight, std=std)
@@ -119,7 +141,7 @@ class GroupedQueryAttention(Attention):
         self.qkv = _linear(cfg.d_model, (H + 2 * G) * D, cfg.init_std, bias=cfg.qkv_bias)
         self.proj = _linear(H * D, cfg.d_model, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x, positions, cache: KVCache | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, key_valid: torch.Tensor | None = None):
         B, T, _ = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, G * D, G * D], dim=-1)
@@ -132,7 +154,7 @@ class GroupedQueryAttention(Attention):
             k, v = full["k"].transpose(1, 2), full["v"].transpose(1, 2)
         if G != H:
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, key_valid=key_valid)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -167,7 +189,7 @@ class LRKVAttention(Attention):
         q, k_s, v_s, z_k, z_v = self.qkv(x).split([H * D, D, D, H * rk, H * rv], dim=-1)
         return q.view(B, T, H, D).transpose(1, 2), k_s, v_s, z_k.view(B, T, H, rk), z_v.view(B, T, H, rv)
 
-    def forward(self, x, positions, cache: KVCache | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, key_valid: torch.Tensor | None = None):
         B, T, _ = x.shape
         q, k_s, v_s, z_k, z_v = self.project(x)
         cos, sin = self.rope(positions, self.head_dim)
@@ -176,8 +198,13 @@ class LRKVAttention(Attention):
             full = cache.append(k_s=k_s, v_s=v_s, z_k=z_k, z_v=z_v)
             k_s, v_s, z_k, z_v = full["k_s"], full["v_s"], full["z_k"], full["z_v"]
             cos, sin = self.rope(torch.arange(cache.length, device=x.device), self.head_dim)
-        attend = lrkv_attention if self.cfg.attn_impl == "triton" else lrkv_attention_reference
-        y = attend(q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), self.b_k, self.b_v, cos, sin, causal=True)
+        args = (q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), self.b_k, self.b_v, cos, sin)
+        if key_valid is not None:  # padding masks exist only on the reference path
+            y = lrkv_attention_reference(*args, causal=True, key_valid=key_valid)
+        elif self.cfg.attn_impl == "triton":
+            y = lrkv_attention(*args, causal=True)
+        else:
+            y = lrkv_attention_reference(*args, causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -204,7 +231,7 @@ class MultiHeadLatentAttention(Attention):
         self.wkv_b = _linear(dc, H * 2 * D, std)  # per head [W^UK_h | W^UV_h]
         self.proj = _linear(H * D, cfg.d_model, std / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x, positions, cache: KVCache | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, key_valid: torch.Tensor | None = None):
         B, T, _ = x.shape
         H, D, dr = self.n_head, self.head_dim, self.rope_dim
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.mla_q_rank > 0 else self.wq(x)
@@ -219,7 +246,7 @@ class MultiHeadLatentAttention(Attention):
         Tk = c.shape[1]
         k_nope, v = self.wkv_b(c).view(B, Tk, H, 2 * D).transpose(1, 2).split([D, D], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(B, H, Tk, dr)), dim=-1)
-        y = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, scale=1.0 / math.sqrt(D + dr))
+        y = causal_attention(torch.cat((q_nope, q_pe), dim=-1), k, v, scale=1.0 / math.sqrt(D + dr), key_valid=key_valid)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -253,8 +280,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, positions, cache: KVCache | None = None):
-        x = x + self.attn(self.attn_norm(x), positions, cache)
+    def forward(self, x, positions, cache: KVCache | None = None, key_valid: torch.Tensor | None = None):
+        x = x + self.attn(self.attn_norm(x), positions, cache, key_valid)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -271,25 +298,31 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[KVCache] | None = None):
-        """Logits (B, T, V); with targets, the mean next-token cross-entropy instead (targets -100 ignored)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: ModelCache | None = None,
+                valid: torch.Tensor | None = None):
+        """Logits (B, T, V); with targets, the mean next-token cross-entropy instead (targets -100 ignored).
+
+        valid (B, T) bool marks real tokens of left-padded rows; RoPE is relative, so a row padded on the left
+        gets the same outputs as unpadded once the padding keys are masked.
+        """
         B, T = idx.shape
-        start = cache[0].length if cache is not None else 0
+        start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=idx.device)
+        key_valid = cache.key_valid(valid, B, T, idx.device) if cache is not None else valid
         x = self.embed(idx)
         for i, layer in enumerate(self.layers):
-            layer_cache = cache[i] if cache is not None else None
+            layer_cache = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, positions, layer_cache, use_reentrant=False)
+                x = checkpoint(layer, x, positions, layer_cache, key_valid, use_reentrant=False)
             else:
-                x = layer(x, positions, layer_cache)
+                x = layer(x, positions, layer_cache, key_valid)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
 
-    def new_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def new_cache(self) -> ModelCache:
+        return ModelCache(len(self.layers))
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once

@@ -18,9 +18,22 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def causal_attention(q, k, v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """SDPA with a bottom-right aligned causal mask. q: (B, H, Tq, E), k: (B, H, Tk, E), v: (B, H, Tk, Ev)."""
+def causal_attention(q, k, v, causal: bool = True, scale: float | None = None,
+                     key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA with a bottom-right aligned causal mask. q: (B, H, Tq, E), k: (B, H, Tk, E), v: (B, H, Tk, Ev).
+
+    key_valid (B, Tk) bool masks out keys (left padding in batched generation); each query still sees its own
+    position so a padding query's row is never empty (its output is ignored downstream).
+    """
     tq, tk = q.shape[-2], k.shape[-2]
+    if key_valid is not None:
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = allowed.tril(diagonal=tk - tq)
+        own = torch.zeros_like(allowed)
+        own[torch.arange(tq), torch.arange(tk - tq, tk)] = True
+        mask = (allowed & key_valid[:, None, None, :]) | own
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if not causal or tq == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if tq == tk:
@@ -62,9 +75,11 @@ def check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin) -> None:
         raise ValueError(f"lrkv_attention: expected floating-point inputs, got {q.dtype}")
 
 
-def lrkv_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal: bool = True, scale: float | None = None):
-    """Reference LRKV attention; materialises per-head K/V, then SDPA. Shapes: see module docstring / spec §10."""
+def lrkv_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal: bool = True, scale: float | None = None,
+                   key_valid: torch.Tensor | None = None):
+    """Reference LRKV attention; materialises per-head K/V, then SDPA. Shapes: see module docstring / spec §10.
+    key_valid (B, Tk) bool, an extension beyond the §10 contract, masks padding keys (see causal_attention)."""
     check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin)
     k = rope(k_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_k, b_k), cos, sin)
     v = v_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_v, b_v)
-    return causal_attention(q, k, v, causal, scale)
+    return causal_attention(q, k, v, causal, scale, key_valid)
