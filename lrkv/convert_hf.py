@@ -1,0 +1,243 @@
+"""Convert a local Hugging Face Llama / Qwen2 checkpoint into an lrkv export folder.
+
+    python -m lrkv.convert_hf SRC OUT [--dtype bf16|fp16|fp32]
+
+SRC holds `config.json` and `model.safetensors` (or the shards listed in `model.safetensors.index.json`) of a
+`LlamaForCausalLM` or `Qwen2ForCausalLM`; `tokenizer.json` and `generation_config.json` (whose eos ids stop
+generation) are copied when present. JSON and safetensors are read directly (no transformers import). The config
+maps onto `ModelConfig(attn="gqa")`; q/k/v are fused into `attn.qkv` ([q | k | v] rows) and gate/up into
+`mlp.fc` ([gate | up] rows). A config field the model cannot reproduce exactly (another architecture, rope
+scaling other than llama3, sliding window, biases on Llama, an activation other than silu, ...) is refused
+with the field named.
+
+Memory: source tensors are read one at a time with `safe_open`; a fused tensor is built as soon as its last
+part is read and its parts are dropped. The converted state dict is the only full copy, so the peak is one model
+in the output dtype plus the pending parts of (for layer-ordered shards) one layer: Llama-3-8B in bf16 is
+~16.1 GB + <0.3 GB. This needs safetensors >= 0.8, whose `save_file` writes straight from tensor memory; older
+versions serialise every tensor to bytes first, a transient second copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lrkv.config import ConfigError, ModelConfig, model_config_from_dict
+from lrkv.export import ExportError, check_state_dict, model_state_dict, save_export
+from lrkv.model import Transformer
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DEFAULTS = {  # transformers' class defaults for fields a config.json may omit
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+}
+
+# HF name inside a layer -> (our name inside the layer, part index, number of parts fused along dim 0)
+_LAYER_TENSORS = {
+    "input_layernorm.weight": ("attn_norm.weight", 0, 1),
+    "post_attention_layernorm.weight": ("mlp_norm.weight", 0, 1),
+    "self_attn.q_proj.weight": ("attn.qkv.weight", 0, 3),
+    "self_attn.k_proj.weight": ("attn.qkv.weight", 1, 3),
+    "self_attn.v_proj.weight": ("attn.qkv.weight", 2, 3),
+    "self_attn.q_proj.bias": ("attn.qkv.bias", 0, 3),
+    "self_attn.k_proj.bias": ("attn.qkv.bias", 1, 3),
+    "self_attn.v_proj.bias": ("attn.qkv.bias", 2, 3),
+    "self_attn.o_proj.weight": ("attn.proj.weight", 0, 1),
+    "mlp.gate_proj.weight": ("mlp.fc.weight", 0, 2),
+    "mlp.up_proj.weight": ("mlp.fc.weight", 1, 2),
+    "mlp.down_proj.weight": ("mlp.proj.weight", 0, 1),
+}
+_TOP_TENSORS = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+                "lm_head.weight": "lm_head.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+class ConvertError(ValueError):
+    """A checkpoint this converter cannot turn into an exactly equivalent lrkv model; names the field or tensor."""
+
+
+def _refuse(field: str, value, why: str) -> None:
+    raise ConvertError(f"config.json: {field}={value!r} is not supported: {why}")
+
+
+def _rope(hf: dict) -> tuple[float, dict | None]:
+    """(theta, llama3 scaling or None) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
+    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = dict(hf.get(field) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):  # keyed by layer type
+        _refuse(field, params, "per-layer-type RoPE parameters")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        _refuse("partial_rotary_factor", partial, "RoPE is applied to the whole head")
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        _refuse(f"{field}.rope_type", kind, "only 'default' and 'llama3' RoPE are implemented")
+    scaling = {"rope_type": "llama3",
+               "original_max_position_embeddings": hf.get("max_position_embeddings")}  # HF's fallback
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if params.get(key) is not None:
+            scaling[key] = params[key]
+        elif scaling.get(key) is None:
+            _refuse(f"{field}.{key}", None, "required by llama3 RoPE scaling")
+    return theta, scaling
+
+
+def hf_model_config(hf: dict) -> ModelConfig:
+    """Map a Llama/Qwen2 config.json onto ModelConfig, refusing (ConvertError) anything not reproduced exactly."""
+    archs = hf.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        _refuse("architectures", archs, f"expected one of {sorted(ARCHITECTURES)}")
+    family = ARCHITECTURES[archs[0]]
+    hf = {**_DEFAULTS[family], **hf}
+    if hf.get("quantization_config"):
+        _refuse("quantization_config", hf["quantization_config"].get("quant_method"), "quantized weights")
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse("hidden_act", hf["hidden_act"], "the MLP is SwiGLU (silu)")
+    if family == "llama":
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                _refuse(key, hf[key], "only Qwen2's q/k/v biases are implemented")
+    else:
+        if hf.get("use_sliding_window"):
+            _refuse("use_sliding_window", True, "every layer must use full attention")
+        other = sorted({t for t in hf.get("layer_types") or [] if t != "full_attention"})
+        if other:
+            _refuse("layer_types", other, "every layer must use full attention")
+    try:
+        n_head, d_model = hf["num_attention_heads"], hf["hidden_size"]
+        theta, scaling = _rope(hf)
+        cfg = dict(
+            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], d_model=d_model, n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=hf.get("head_dim") or d_model // n_head,
+            ffn_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+        )
+    except KeyError as e:
+        raise ConvertError(f"config.json: required field {e.args[0]!r} is missing") from e
+    cfg.update(attn="gqa", qkv_bias=family == "qwen2", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+               rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf["rms_norm_eps"]))
+    try:
+        return model_config_from_dict(cfg)
+    except ConfigError as e:
+        raise ConvertError(f"config.json: the model it describes has no lrkv equivalent ({e})") from e
+
+
+def _shards(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        shards = [src / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise ConvertError(f"{index}: lists {missing[0]}, which is not in the folder ({len(missing)} missing)")
+        return shards
+    if (src / "model.safetensors").is_file():
+        return [src / "model.safetensors"]
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise ConvertError(f"{src}: no *.safetensors files (convert .bin checkpoints with transformers first)")
+    return shards
+
+
+def _target(name: str, cfg: ModelConfig) -> tuple[str, int, int] | None:
+    """Our tensor name, part index and part count for an HF tensor; None for tensors to skip."""
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        return None  # some tied checkpoints store the shared matrix twice
+    if name in _TOP_TENSORS:
+        return _TOP_TENSORS[name], 0, 1
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2).endswith("rotary_emb.inv_freq"):
+        return None  # a buffer older checkpoints saved; recomputed from rope_theta
+    if m and m.group(2) in _LAYER_TENSORS:
+        ours, part, parts = _LAYER_TENSORS[m.group(2)]
+        return f"layers.{m.group(1)}.{ours}", part, parts
+    raise ConvertError(f"tensor '{name}' has no place in a Llama/Qwen2 lrkv model")
+
+
+def convert_state_dict(src: Path, cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read SRC's shards tensor by tensor into our layout; dtype None keeps each tensor's own dtype."""
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[int, torch.Tensor]] = {}  # fused tensors whose parts may span shards
+    for shard in _shards(src):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                target = _target(name, cfg)
+                if target is None:
+                    continue
+                ours, part, parts = target
+                t = f.get_tensor(name)
+                if dtype is not None:
+                    t = t.to(dtype)
+                if parts == 1:
+                    out[ours] = t
+                    continue
+                pending.setdefault(ours, {})[part] = t
+                if len(pending[ours]) == parts:
+                    group = pending.pop(ours)
+                    out[ours] = torch.cat([group[i] for i in range(parts)], dim=0)
+    if pending:
+        name = next(iter(pending))
+        raise ConvertError(f"{src}: only {len(pending[name])} HF part(s) of fused tensor '{name}' found; "
+                           f"is a shard missing?")
+    with torch.device("meta"):
+        expected = model_state_dict(Transformer(cfg))
+    try:
+        check_state_dict(expected, out, str(src))
+    except ExportError as e:
+        raise ConvertError(str(e)) from e
+    return out
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        return "lrkv_format" in json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> ModelConfig:
+    """Convert the HF folder SRC into the lrkv export folder OUT; returns the model config written."""
+    src = Path(src)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConvertError(f"{src}: no config.json; expected a local Hugging Face model folder")
+    try:
+        cfg = hf_model_config(json.loads(config_path.read_text()))
+    except ConvertError as e:
+        raise ConvertError(f"{src}/{e}") from e
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not _is_export(out):  # e.g. OUT given as SRC by mistake
+        raise ConvertError(f"{out}: exists and is not an lrkv export folder; it would be replaced, choose another")
+    state = convert_state_dict(src, cfg, dtype)
+    tokenizer, generation = src / "tokenizer.json", src / "generation_config.json"
+    extra = {generation.name: generation.read_text()} if generation.is_file() else None  # eos ids for generate
+    save_export(state, cfg, out, tokenizer if tokenizer.is_file() else None, extra)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lrkv.convert_hf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="local HF folder: config.json + *.safetensors (+ tokenizer.json)")
+    parser.add_argument("out", help="lrkv export folder to write (an older export there is replaced atomically)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the checkpoint's dtype)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = convert(args.src, args.out, DTYPES.get(args.dtype))
+    except ConvertError as e:
+        sys.exit(f"convert_hf: {e}")
+    scaling = f", llama3 rope x{cfg.rope_scaling['factor']}" if cfg.rope_scaling else ""
+    print(f"{args.src} -> {args.out}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads / "
+          f"{cfg.n_kv_head} KV heads x {cfg.dh}, ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, "
+          f"rope_theta {cfg.rope_theta:g}{scaling}, tied {cfg.tie_embeddings}, qkv_bias {cfg.qkv_bias}")
+
+
+if __name__ == "__main__":
+    main()
