@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lrkv.config import ModelConfig
-from lrkv.kernels import lrkv_attention
+from lrkv.kernels import fused_unavailable, lrkv_attention
 from lrkv.kernels.reference import causal_attention, rope
 from lrkv.kernels.reference import lrkv_attention as lrkv_attention_reference
+
+
+DECODE_KERNEL_MAX_TOKENS = 16  # cached steps of at most this many new tokens use the flash-decoding kernel
 
 
 def rope_tables(positions: torch.Tensor, dim: int, theta: float, scaling: dict | None = None):
@@ -99,6 +102,19 @@ class ModelCache:
         return history if self.padded else None
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32, cast back before the weight (Llama/Qwen2 rounding order, so bf16 imports match exactly)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
 def _linear(d_in: int, d_out: int, std: float, bias: bool = False) -> nn.Linear:
     layer = nn.Linear(d_in, d_out, bias=bias)
     nn.init.normal_(layer.weight, std=std)
@@ -123,6 +139,9 @@ class Attention(nn.Module):
     def num_flops_per_token(self, seq_len: int) -> int:
         # core fwd: 2*T*qk (scores) + 2*T*v (mix) per head; bwd doubles it -> 6*H*T*(qk + v)
         return 6 * matmul_params(self) + 6 * self.n_head * seq_len * (self.qk_dim + self.v_dim)
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return dtype_bytes * self.kv_numbers_per_token
 
     def rope(self, positions: torch.Tensor, dim: int):
         return rope_tables(positions, dim, self.cfg.rope_theta, self.cfg.rope_scaling)
@@ -149,6 +168,8 @@ class GroupedQueryAttention(Attention):
         q = rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
         k = rope(k.view(B, T, G, D).transpose(1, 2), cos, sin)
         v = v.view(B, T, G, D).transpose(1, 2)
+        if hasattr(cache, "attend"):  # LRQK decoder (lrkv/inference/lrqk.py) stores K/V and attends itself
+            return self.proj(cache.attend(self, q, (k, v), key_valid))
         if cache is not None:
             full = cache.append(k=k.transpose(1, 2), v=v.transpose(1, 2))
             k, v = full["k"].transpose(1, 2), full["v"].transpose(1, 2)
@@ -194,12 +215,19 @@ class LRKVAttention(Attention):
         q, k_s, v_s, z_k, z_v = self.project(x)
         cos, sin = self.rope(positions, self.head_dim)
         q = rope(q, cos, sin)
+        if hasattr(cache, "attend"):  # LRQK decoder (lrkv/inference/lrqk.py) stores the payload and attends itself
+            return self.proj(cache.attend(self, q, (k_s, v_s, z_k, z_v), key_valid))
         if cache is not None:
             full = cache.append(k_s=k_s, v_s=v_s, z_k=z_k, z_v=z_v)
             k_s, v_s, z_k, z_v = full["k_s"], full["v_s"], full["z_k"], full["z_v"]
             cos, sin = self.rope(torch.arange(cache.length, device=x.device), self.head_dim)
         args = (q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), self.b_k, self.b_v, cos, sin)
-        if key_valid is not None:  # padding masks exist only on the reference path
+        if cache is not None and T <= DECODE_KERNEL_MAX_TOKENS and self.cfg.attn_impl == "triton" \
+                and not torch.is_grad_enabled() and fused_unavailable(q) is None:
+            from lrkv.kernels.decode import lrkv_decode_attention  # imported late: TRITON_INTERPRET is read then
+
+            y = lrkv_decode_attention(q, k_s, v_s, z_k, z_v, self.b_k, self.b_v, cos, sin, key_valid=key_valid)
+        elif key_valid is not None:  # padding masks exist only on the reference path
             y = lrkv_attention_reference(*args, causal=True, key_valid=key_valid)
         elif self.cfg.attn_impl == "triton":
             y = lrkv_attention(*args, causal=True)
@@ -222,12 +250,12 @@ class MultiHeadLatentAttention(Attention):
         std = cfg.init_std
         if dq > 0:
             self.wq_a = _linear(cfg.d_model, dq, std)
-            self.q_norm = nn.RMSNorm(dq, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(dq, eps=cfg.norm_eps)
             self.wq_b = _linear(dq, H * (D + dr), std)
         else:
             self.wq = _linear(cfg.d_model, H * (D + dr), std)
         self.wkv_a = _linear(cfg.d_model, dc + dr, std)  # [W^DKV | W^KR]
-        self.kv_norm = nn.RMSNorm(dc, eps=cfg.norm_eps)
+        self.kv_norm = RMSNorm(dc, eps=cfg.norm_eps)
         self.wkv_b = _linear(dc, H * 2 * D, std)  # per head [W^UK_h | W^UV_h]
         self.proj = _linear(H * D, cfg.d_model, std / math.sqrt(2 * cfg.n_layer))
 
@@ -275,9 +303,9 @@ class Block(nn.Module):
         super().__init__()
         if cfg.attn not in ATTENTION:
             raise ValueError(f"unknown attention type '{cfg.attn}', expected one of {sorted(ATTENTION)}")
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = ATTENTION[cfg.attn](cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, positions, cache: KVCache | None = None, key_valid: torch.Tensor | None = None):
@@ -292,7 +320,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = _linear(cfg.d_model, cfg.vocab_size, cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -335,4 +363,4 @@ class Transformer(nn.Module):
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """KV-cache bytes per token over all layers (bf16 by default), from each variant's layout."""
-        return dtype_bytes * sum(layer.attn.kv_numbers_per_token for layer in self.layers)
+        return sum(layer.attn.kv_bytes_per_token(dtype_bytes) for layer in self.layers)
