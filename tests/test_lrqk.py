@@ -329,6 +329,19 @@ def test_memory_plan_matches_allocation_and_independent_count(attn, proxy, offlo
     assert (plan.cpu_bytes, plan.gpu_bytes) == ((store + staging, gpu) if offload else (0, gpu + store))
 
 
+def test_memory_plan_in_bf16_halves_the_growing_proxy():
+    model = build("lrkv").to(torch.bfloat16)
+    cfg = LRQKConfig(rank=4, top_k=8, recent=4)
+    B, ctx = 2, 64
+    plan = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx, dtype=torch.bfloat16)
+    dec = LRQKDecoder(model, cfg, max_context=ctx)
+    greedy(dec, *padded_batch([30, 20]), 3)
+    assert dec.allocated_bytes() == (plan.cpu_bytes, plan.gpu_bytes)
+    fp32 = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx, dtype=torch.float32)
+    # A_K (layers x proxies x ctx x r) is stored in the model dtype; B_Q, B_K stay fp32
+    assert fp32.detail["proxy"] - plan.detail["proxy"] == 2 * B * ctx * 4 * 2
+
+
 def test_memory_plan_refused_when_it_does_not_fit(monkeypatch):
     monkeypatch.setattr(lrqk, "free_host_bytes", lambda: 1000)
     dec = LRQKDecoder(build("lrkv"), LRQKConfig(rank=4))

@@ -229,7 +229,7 @@ def memory_plan(m: ModelConfig, cfg: LRQKConfig, batch: int, max_context: int,
         "staging": g["pool"] * C * g["row"] * elt if offload else 0,
         "pool": layers * g["pool"] * C * g["row"] * elt,
         "slot_maps": layers * g["pool"] * (2 * C * 8 + L * 4),  # token + last-use per slot (int64), id -> slot (int32)
-        "proxy": layers * 4 * (g["proxies"] * (L * r + r * D) + g["proxies"] * g["heads"] * r * D),  # A_K, B_K, B_Q
+        "proxy": layers * g["proxies"] * (L * r * elt + 4 * (r * D + g["heads"] * r * D)),  # A_K (model dtype); B_K, B_Q fp32
         "valid": batch * L,
     }
     on_cpu = detail["store"] + detail["staging"] if offload else 0
@@ -271,7 +271,8 @@ class LRQKLayer:
         self.batch_of = pool_ids // heads_per_pool
         group = m.n_head // m.kv_heads
         self.store_of = pool_ids if m.attn == "lrkv" else self.batch_of * m.kv_heads + (pool_ids % m.n_head) // group
-        self.a_k = torch.zeros(g["proxies"], capacity, o.cfg.rank, device=dev)
+        # A_K grows with the context: stored in the model dtype (half the bytes in bf16), solved in fp32
+        self.a_k = torch.zeros(g["proxies"], capacity, o.cfg.rank, dtype=dtype, device=dev)
         self.recall: list[float] = []
 
     def grow(self, capacity: int) -> None:
@@ -401,7 +402,7 @@ class LRQKLayer:
         k_pool, _ = self.keys_values(pool.slots, tokens, values=False)
         s_pool = (q.float() @ k_pool.float().mT)[:, :, 0] * resident.view(B, -1, resident.shape[1])
         per = self.a_k.shape[0] // tokens.shape[0]  # proxies per pool stream (lrkv per_head: H)
-        a_omega = self.a_k.gather(1, tokens.repeat_interleave(per, 0)[..., None].expand(-1, -1, cfg.rank))
+        a_omega = self.a_k.gather(1, tokens.repeat_interleave(per, 0)[..., None].expand(-1, -1, cfg.rank)).float()
         a_omega = a_omega * resident.repeat_interleave(per, 0)[..., None]
         if self.geo["heads"] > 1:
             k_rec = rope(kv[0][:, 0], *mod.rope(pos_t[:1, 0], D)).float()
@@ -416,7 +417,7 @@ class LRQKLayer:
         # selection: sinks + recent window (kept resident) + top-k of the older tokens
         sinks, sinks_ok, recent, recent_ok, cand = self.window(L, include_current=False)
         exact = self.exact_scores(q, L) if cfg.scores == "exact" or cfg.measure_recall else None
-        proxy = (self.a_k[:, None, :L] @ q_hat[..., None])[..., 0].reshape(self.geo["pool"], -1, L)
+        proxy = (self.a_k[:, None, :L].float() @ q_hat[..., None])[..., 0].reshape(self.geo["pool"], -1, L)
         top, top_ok = select_top_k(exact if cfg.scores == "exact" else proxy, cand, cfg.top_k)
         if cfg.measure_recall:
             self.recall.append(_recall(top, top_ok, *select_top_k(exact, cand, cfg.top_k)))
