@@ -2,19 +2,29 @@
 
     <dir>/config.json        every ModelConfig field (flat) + model_type / architectures
     <dir>/model.safetensors  the state dict (a tied lm_head is stored once, as embed.weight)
-    <dir>/tokenizer.json     HF `tokenizers` file, when one is given
+    <dir>/tokenizer.json     HF `tokenizers` file, when one is given (+ tokenizer_config.json for AutoTokenizer)
+    <dir>/configuration_lrkv.py, modeling_lrkv.py   transformers remote code (lrkv/hf.py), named by config.json's
+                             auto_map: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) loads it
 
 Loading needs neither Lightning nor DeepSpeed. The loader refuses a folder whose tensors do not match its
 config and names the first mismatch. Writes go to a temporary sibling folder renamed into place, so an
 interrupted export never leaves a half-written folder under the final name.
+
+From a training checkpoint (a Lightning .ckpt file, a DeepSpeed ZeRO checkpoint folder consolidated with
+DeepSpeed's zero_to_fp32, or a run folder, meaning its checkpoints/last.ckpt):
+
+    python -m lrkv.export runs/demo runs/demo/export2 [--tokenizer PATH]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import pickle
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,18 +57,23 @@ def config_json(cfg: ModelConfig) -> dict:
 def save_export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
                 tokenizer_file: str | Path | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write an export folder atomically (replacing an older export at out_dir only once the new one is complete)."""
+    from lrkv.hf import AUTO_MAP, REMOTE_CODE, tokenizer_config  # imports transformers, only when exporting
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    files = dict(REMOTE_CODE)
+    if tokenizer_file is not None:
+        files["tokenizer_config.json"] = json.dumps(tokenizer_config(cfg), indent=2)
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_json(cfg), indent=2))
+        (tmp / CONFIG_NAME).write_text(json.dumps({**config_json(cfg), "auto_map": AUTO_MAP}, indent=2))
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         if cfg.tie_embeddings:
             tensors.pop("lm_head.weight", None)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
-        for name, text in (extra_files or {}).items():
+        for name, text in {**files, **(extra_files or {})}.items():
             (tmp / name).write_text(text)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
@@ -121,3 +136,96 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu",
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------- from training
+
+
+def _is_deepspeed_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "latest").is_file()  # DeepSpeed's save_checkpoint names its newest tag there
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file or DeepSpeed folder as given; a run folder resolves to its checkpoints/last.ckpt."""
+    path = Path(path)
+    if path.is_file() or _is_deepspeed_dir(path):
+        return path
+    last = path / "checkpoints" / "last.ckpt"
+    if last.exists():
+        return last
+    what = "has no checkpoints/last.ckpt and is not a DeepSpeed checkpoint" if path.is_dir() else "does not exist"
+    raise ExportError(f"{path}: {what}; give a .ckpt file, a DeepSpeed checkpoint folder or a run folder")
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full fp32 LightningModule state dict, the checkpoint's other entries) from a .ckpt file or a ZeRO folder.
+
+    Checkpoints are pickles (loop and callback state): read only those of runs you trust.
+    """
+    try:
+        if not _is_deepspeed_dir(ckpt):
+            meta = torch.load(ckpt, map_location="cpu", weights_only=False)
+            return meta.pop("state_dict"), meta
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation is CPU work; skip accelerator detection
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # Lightning's client state (hyper_parameters, loops) is in rank 0's model-states file of the newest tag.
+        tag = (ckpt / "latest").read_text().strip()
+        states = sorted((ckpt / tag).glob("*model_states.pt"))
+        if not states:
+            raise FileNotFoundError(f"no *model_states.pt in {ckpt / tag}")
+        meta = torch.load(states[0], map_location="cpu", weights_only=False)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag), meta
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise ExportError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _find_tokenizer(ckpt: Path) -> Path:
+    for folder in (ckpt.parent, ckpt.parent.parent):  # <run>/checkpoints/last.ckpt -> <run>/tokenizer.json
+        if (folder / TOKENIZER_NAME).is_file():
+            return folder / TOKENIZER_NAME
+    raise ExportError(f"{ckpt}: no {TOKENIZER_NAME} in its folder or run folder; pass --tokenizer PATH")
+
+
+def export_checkpoint(src: str | Path, out_dir: str | Path, tokenizer_file: str | Path | None = None) -> Path:
+    """Write an export folder from a training checkpoint, refusing one whose tensors do not match its config."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file():
+        raise ExportError(f"{out_dir}: exists and is not an export folder; it would be replaced, choose another")
+    ckpt = resolve_checkpoint(src)
+    tokenizer_file = Path(tokenizer_file) if tokenizer_file is not None else _find_tokenizer(ckpt)
+    state, meta = read_checkpoint(ckpt)
+    try:
+        cfg = model_config_from_dict(meta["hyper_parameters"]["config"]["model"])
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"{ckpt}: holds no lrkv model config (hyper_parameters.config.model); "
+                          f"not written by train.py") from e
+    except ConfigError as e:
+        raise ExportError(f"{ckpt}: {e}") from e
+    # LitLM keeps the Transformer as `self.model`: its tensors are "model.<name>".
+    weights = {k.removeprefix("model."): v for k, v in state.items()}
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        expected = model_state_dict(Transformer(cfg))
+    check_state_dict(expected, weights, str(ckpt))
+    return save_export(weights, cfg, out_dir, tokenizer_file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lrkv.export", description="Write an export folder (config.json,"
+                                     " model.safetensors, tokenizer.json) from a training checkpoint.")
+    parser.add_argument("src", help="a Lightning .ckpt file, a DeepSpeed checkpoint folder, or a run folder")
+    parser.add_argument("out", help="export folder to write (replaced if it holds an older export)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.src, args.out, args.tokenizer)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"exported {resolve_checkpoint(args.src)} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,8 +30,6 @@ OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy without its CUDA-only guard, for DeepSpeed's CPU accelerator (gloo)."""
 
-    strategy_name = "deepspeed_cpu"
-
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "CUDA only" check
 
