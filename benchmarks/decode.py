@@ -1,0 +1,239 @@
+"""Decode benchmark: tokens/s, device KV memory, CPU->GPU bytes per step and hit rate, side by side per context.
+
+    python benchmarks/decode.py                              # CPU: lrkv_debug shape, contexts 1K..8K
+    python benchmarks/decode.py --device cuda --batch 8      # GPU: lrkv_125m shape, contexts 4K..128K
+    python benchmarks/decode.py --device cuda --hf-export DIR --text book.txt   # converted Llama/Qwen2 export
+
+Rows: MHA-full (the config's body with attn=mha), LRKV-full (the model's own cache) and LRKV-LRQK (offloaded
+LRQK decoder) on random weights (LRKV B matrices drawn normal, so the residual keys are live), or, with
+--hf-export, that model with its full cache (where it fits) and with LRQK. Each case: prefill a random prompt
+(or --text, tokenized and repeated) of the context length, `--warmup` untimed decode steps, then `--steps`
+timed ones (median step time). "dev KV" is what the decoder keeps on the accelerator (full: the cache; LRQK:
+slot pool, proxy factors, maps), "host KV" the LRQK row store; on a CPU run both live in host memory and the
+columns say what a GPU would hold. Random weights give near-uniform attention, so their hit rates are not a
+quality measure. "x base" is tok/s relative to the first row of the same context (MHA-full or the export's full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from lrkv.config import ModelConfig, load_config  # noqa: E402
+from lrkv.export import load_export  # noqa: E402
+from lrkv.inference.cache import FullDecoder  # noqa: E402
+from lrkv.inference.generate import DTYPES, load_tokenizer_file  # noqa: E402
+from lrkv.inference.lrqk import PRESETS, LRQKConfig, LRQKDecoder, MemoryPlanError  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
+
+K = 1024
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--config", help="model shape (default: lrkv_debug.yaml on cpu, lrkv_125m.yaml on cuda)")
+    p.add_argument("--hf-export", help="a converted Llama/Qwen2 export folder: full vs LRQK on that model")
+    p.add_argument("--text", help="with --hf-export: prompt tokens from this text file instead of random ids")
+    p.add_argument("--contexts", help="comma-separated prompt lengths (default: 1K..8K cpu, 4K..128K cuda, "
+                                      "32K,64K,128K with --hf-export)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, help="timed decode steps (default 16 cpu, 32 cuda)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lrqk-preset", choices=sorted(PRESETS), help="rank/top-k/recent; flags below override")
+    p.add_argument("--rank", type=int, help="LRQK rank (default head_dim / 4: the paper's 32 at head_dim 128)")
+    p.add_argument("--top-k", type=int, help="LRQK top-k (default 256 cpu, 2048 cuda)")
+    p.add_argument("--recent", type=int, help="LRQK recent window (default 64)")
+    p.add_argument("--sinks", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on cpu: a small model's decode step is "
+                                                 "latency-bound, and one thread keeps timings steady on a shared "
+                                                 "machine; torch's default on cuda)")
+    args = p.parse_args(argv)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine")
+    if args.text and not args.hf_export:
+        p.error("--text needs --hf-export (random-weight models are fed random ids)")
+    gpu = args.device == "cuda"
+    args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    args.steps = args.steps or (32 if gpu else 16)
+    default_contexts = [32, 64, 128] if args.hf_export else [4, 8, 16, 32, 64, 128] if gpu else [1, 2, 4, 8]
+    args.contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [c * K for c in default_contexts]
+    return args
+
+
+def lrqk_config(args: argparse.Namespace, head_dim: int) -> LRQKConfig:
+    rank, top_k, recent = PRESETS[args.lrqk_preset] if args.lrqk_preset else (
+        max(head_dim // 4, 1), 2048 if args.device == "cuda" else 256, 64)
+    return LRQKConfig(rank=args.rank or rank, top_k=args.top_k or top_k, recent=args.recent or recent,
+                      sinks=args.sinks)
+
+
+def random_model(cfg: ModelConfig, args: argparse.Namespace) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        return Transformer(cfg).to(args.dtype).eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(model: Transformer, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor,
+             args: argparse.Namespace) -> dict:
+    """Prefill tokens[:, :ctx], then warmup + timed decode steps feeding tokens[:, ctx:]; the row's numbers."""
+    total = args.warmup + args.steps
+    if cache == "full":
+        decoder = FullDecoder(model)
+    else:
+        decoder = LRQKDecoder(model, lrqk, gpu_device=args.device, pin_memory=args.device == "cuda",
+                              max_context=ctx + total)
+    start = time.perf_counter()
+    decoder.prefill(tokens[:, :ctx], logits_to_keep=1)
+    sync(args.device)
+    prefill_s = time.perf_counter() - start
+    for i in range(args.warmup):
+        decoder.step(tokens[:, ctx + i : ctx + i + 1])
+    sync(args.device)
+    before = dict(decoder.stats)
+    times = []
+    for i in range(args.warmup, total):
+        start = time.perf_counter()
+        decoder.step(tokens[:, ctx + i : ctx + i + 1])
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]  # median: robust to a busy shared machine
+    moved = {k: decoder.stats[k] - before[k] for k in ("hits", "selections", "bytes_moved")}
+    if cache == "full":
+        row_bytes = sum(layer.bytes_per_token() for layer in decoder.cache.layers)
+        host, dev = 0, row_bytes * decoder.cache.length * args.batch
+    else:
+        host, dev = decoder.allocated_bytes()
+    return dict(tok_s=args.batch / step_s, ms=1e3 * step_s, dev=dev, host=host, prefill_s=prefill_s,
+                moved=moved["bytes_moved"] / args.steps,
+                hit=moved["hits"] / moved["selections"] if moved["selections"] else None)
+
+
+def full_fits(model: Transformer, ctx: int, args: argparse.Namespace) -> str | None:
+    """None if a full cache of this context fits the free GPU memory, else why not (CPU runs always try)."""
+    if args.device != "cuda":
+        return None
+    need = model.kv_bytes_per_token(torch.empty((), dtype=args.dtype).element_size()) * (ctx + 64) * args.batch
+    free, _ = torch.cuda.mem_get_info()
+    return None if need < 0.8 * free else f"needs {need / 2**30:.1f} GiB KV, {free / 2**30:.1f} GiB free"
+
+
+def measure(label: str, model: Transformer, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor,
+            args: argparse.Namespace) -> dict:
+    row = dict(ctx=ctx, model=label, cache=cache)
+    why = full_fits(model, ctx, args) if cache == "full" else None
+    if why:
+        return {**row, "skip": why}
+    try:
+        return {**row, **run_case(model, cache, lrqk, ctx, tokens, args)}
+    except (torch.OutOfMemoryError, MemoryPlanError) as e:
+        return {**row, "skip": str(e).splitlines()[0][:60]}
+    finally:
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fmt_ctx(n: int) -> str:
+    return f"{n // K}K" if n % K == 0 else str(n)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("context", "model", "cache", "tok/s", "ms/step", "x base", "dev KV", "host KV", "H2D/step", "hit rate",
+            "prefill s")
+    lines = []
+    for r in rows:
+        # "x base": speed relative to the first measured row of the same context (MHA-full, or the HF model's full)
+        base = next((b["tok_s"] for b in rows if b["ctx"] == r["ctx"] and "tok_s" in b), None)
+        if "skip" in r:
+            lines.append((fmt_ctx(r["ctx"]), r["model"], r["cache"], "-", "-", "-", "-", "-", "-", "-", r["skip"]))
+            continue
+        lines.append((fmt_ctx(r["ctx"]), r["model"], r["cache"], f"{r['tok_s']:.1f}", f"{r['ms']:.2f}",
+                      f"{r['tok_s'] / base:.2f}", fmt_bytes(r["dev"]), fmt_bytes(r["host"]) if r["host"] else "-",
+                      fmt_bytes(r["moved"]), "-" if r["hit"] is None else f"{100 * r['hit']:.1f}%",
+                      f"{r['prefill_s']:.2f}"))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    for line in (head, *lines):
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+
+
+def describe(label: str, cfg: ModelConfig, model: Transformer, args: argparse.Namespace) -> str:
+    elt = torch.empty((), dtype=args.dtype).element_size()
+    shape = f"{cfg.attn}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads x {cfg.dh}"
+    if cfg.attn == "lrkv":
+        shape += f", ranks k/v {cfg.rank_k}/{cfg.rank_v}"
+    if cfg.attn == "gqa":
+        shape += f", {cfg.kv_heads} KV heads"
+    return (f"  {label}: {shape}, vocab {cfg.vocab_size}, {model.num_params() / 1e6:.1f}M params, "
+            f"KV {model.kv_bytes_per_token(elt)} B/token")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.hf_export:
+        hf = load_export(args.hf_export, device=args.device, dtype=args.dtype)
+        models = [("hf", hf, "full"), ("hf", hf, "lrqk")]
+        cfgs = {f"hf ({args.hf_export})": (hf.cfg, hf)}
+    else:
+        name = args.config or ("lrkv_125m.yaml" if args.device == "cuda" else "lrkv_debug.yaml")
+        lrkv_cfg = dataclasses.replace(load_config(name).model, lrkv_b_init="normal")
+        mha_cfg = dataclasses.replace(lrkv_cfg, attn="mha", n_kv_head=None)
+        mha, lrkv = random_model(mha_cfg, args), random_model(lrkv_cfg, args)
+        models = [("MHA", mha, "full"), ("LRKV", lrkv, "full"), ("LRKV", lrkv, "lrqk")]
+        cfgs = {"MHA": (mha_cfg, mha), f"LRKV ({name})": (lrkv_cfg, lrkv)}
+    head_dim = next(iter(cfgs.values()))[0].dh
+    lrqk = lrqk_config(args, head_dim)
+    print(f"decode benchmark on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
+          f"dtype {str(args.dtype).removeprefix('torch.')}, batch {args.batch}, {args.warmup} warmup + "
+          f"{args.steps} timed decode steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for label, (cfg, model) in cfgs.items():
+        print(describe(label, cfg, model, args))
+    print(f"  LRQK: rank {lrqk.rank}, top-k {lrqk.top_k}, recent {lrqk.recent}, sinks {lrqk.sinks}, proxy "
+          f"{lrqk.proxy} for lrkv / per query head for mha-gqa, iters {lrqk.prefill_iters}/{lrqk.decode_iters}, "
+          f"offloaded row store{' (pinned)' if args.device == 'cuda' else ''}")
+    vocab = next(iter(cfgs.values()))[0].vocab_size
+    rows = []
+    for ctx in args.contexts:
+        tokens = prompt_tokens(args, vocab, ctx + args.warmup + args.steps)
+        for label, model, cache in models:
+            rows.append(measure(label, model, cache, lrqk, ctx, tokens, args))
+            print(f"  done {fmt_ctx(ctx)} {label}-{cache}", file=sys.stderr, flush=True)
+    print_table(rows)
+
+
+def prompt_tokens(args: argparse.Namespace, vocab: int, n: int) -> torch.Tensor:
+    """(batch, n) ids: --text tokenized and repeated to length n, else uniform random ids (seeded)."""
+    if args.text:
+        tok = load_tokenizer_file(args.hf_export, vocab)
+        ids = torch.tensor(tok.encode(Path(args.text).read_text()).ids)
+        ids = ids.repeat(n // len(ids) + 1)[:n]
+        return ids.expand(args.batch, n).to(args.device)
+    return torch.randint(0, vocab, (args.batch, n), generator=torch.Generator().manual_seed(0)).to(args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Text generation over an export folder: batching, sampling, stop tokens, streaming; `full` or `lrqk` cache.
+
+    gen = Generator.from_checkpoint("runs/debug/export", cache="lrqk", lrqk=LRQKConfig(top_k=256))
+    for c in gen.generate(["ROMEO:", "JULIET: O Romeo"], max_new_tokens=64):
+        print(c.text, c.finish_reason)
+    for deltas in gen.stream(["ROMEO:"], max_new_tokens=64):   # one list of Delta per decode step
+        print("".join(d.text for d in deltas), end="", flush=True)
+
+Prompts of different lengths are left-padded into one batch with a `valid` mask, so every row gets the tokens
+it would get alone. Prefill is exact in both cache modes; in `lrqk` mode decode steps attend sparsely
+(`LRQKConfig.sparse_query_tail` moves the last prompt tokens onto the sparse path too). Sampling draws on
+the CPU from a seeded torch.Generator, so a seed repeats its draws whatever the device. Loading imports
+neither Lightning nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from lrkv.export import TOKENIZER_NAME, load_export, load_model_config
+from lrkv.inference.cache import FullDecoder
+from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder, MemoryPlan, memory_plan
+from lrkv.model import Transformer
+from lrkv.tokenizer import EOS, TokenizerError
+
+CACHE_MODES = ("full", "lrqk")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class GenerateError(ValueError):
+    """A generation request that cannot run as given (empty prompt, bad sampling setting)."""
+
+
+@dataclass
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / T) restricted by top_k (0 = off) and top_p (1 = off)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerateError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerateError(f"sampling top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerateError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Delta:
+    """What one decode step added to one row. `text` is the newly settled text: it may be '' while a multi-byte
+    character or a possible stop-string prefix is pending, and it never includes a stop token or stop string."""
+
+    row: int
+    token: int
+    text: str
+    finish_reason: str | None  # None while the row runs; "stop" or "length" on its last delta
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # new tokens; ends with the stop token when a stop id ended the row
+    text: str  # decoded new tokens, cut before the stop token / stop string
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class _Row:
+    tokens: list[int] = field(default_factory=list)
+    emitted: str = ""
+    finish_reason: str | None = None
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits: (B, V)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens ranked above it already hold top_p of the mass (the top token stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids on the CPU: argmax when greedy, else one draw per row."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1).cpu()
+    scaled = logits.float().cpu() / sampling.temperature
+    probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token lists -> idx (B, T) left-padded with id 0, and valid (B, T) bool, or None when nothing is padded."""
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), T, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, T - len(p):] = True
+    return idx.to(device), (None if bool(valid.all()) else valid.to(device))
+
+
+def load_tokenizer_file(export_dir: str | Path, vocab_size: int) -> Tokenizer:
+    """The export's tokenizer.json. Unlike lrkv.tokenizer.load_tokenizer it does not require our <|endoftext|>:
+    converted Llama/Qwen2 exports bring their own special tokens (see eos_ids)."""
+    path = Path(export_dir) / TOKENIZER_NAME
+    if not path.is_file():
+        raise TokenizerError(f"{export_dir}: no {TOKENIZER_NAME}; generation needs the export's tokenizer")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from e
+    if tok.get_vocab_size() > vocab_size:
+        raise TokenizerError(f"{path}: tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size "
+                             f"is {vocab_size}; tokenizer and weights do not belong together")
+    return tok
+
+
+def eos_ids(export_dir: str | Path, tok: Tokenizer) -> list[int]:
+    """Our `<|endoftext|>` when the tokenizer has it, plus `eos_token_id` of a generation_config.json (imported
+    Hugging Face checkpoints, e.g. Llama-3's <|eot_id|>)."""
+    ids = [] if tok.token_to_id(EOS) is None else [tok.token_to_id(EOS)]
+    gen_cfg = Path(export_dir) / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted(set(ids))
+
+
+class Generator:
+    """A model and tokenizer plus the cache mode; each generate/stream call builds a fresh decoder.
+
+    After a call, `timing` holds prefill/decode token counts and seconds and `decoder.stats` the cache counters.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: str = "full", lrqk: LRQKConfig | None = None,
+                 eos: Sequence[int] = ()):
+        if cache not in CACHE_MODES:
+            raise GenerateError(f"cache must be one of {CACHE_MODES}, got '{cache}'")
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
+        self.lrqk = lrqk or LRQKConfig()
+        self.eos = list(eos)
+        self.device = next(model.parameters()).device
+        self.decoder: FullDecoder | LRQKDecoder | None = None
+        self.timing: dict[str, float] = {}
+        if cache == "lrqk":
+            try:  # bad settings or an attention type LRQK cannot serve fail now (a decoder allocates at prefill)
+                self.new_decoder(max_context=1)
+            except ValueError as e:
+                raise GenerateError(str(e)) from e
+
+    @classmethod
+    def from_checkpoint(cls, export_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, cache: str = "full",
+                        lrqk: LRQKConfig | None = None) -> Generator:
+        """Load config.json, tokenizer.json and model.safetensors; errors (ExportError, TokenizerError) name a file."""
+        cfg = load_model_config(export_dir)  # a bad folder fails here, before the tokenizer or weights are read
+        tok = load_tokenizer_file(export_dir, cfg.vocab_size)
+        model = load_export(export_dir, device=device, dtype=dtype)
+        return cls(model, tok, cache=cache, lrqk=lrqk, eos=eos_ids(export_dir, tok))
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise GenerateError(f"prompt {prompt!r} encodes to no tokens")
+        return ids
+
+    def memory_plan(self, batch: int, max_context: int) -> MemoryPlan:
+        """What an LRQK decoder for this batch and context would allocate (nothing is allocated here)."""
+        return memory_plan(self.model.cfg, self.lrqk, batch, max_context, dtype=next(self.model.parameters()).dtype)
+
+    def new_decoder(self, max_context: int) -> FullDecoder | LRQKDecoder:
+        if self.cache == "full":
+            return FullDecoder(self.model)
+        return LRQKDecoder(self.model, self.lrqk, gpu_device=self.device, cpu_device="cpu",
+                           pin_memory=self.device.type == "cuda", max_context=max_context)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
+                 sampling: Sampling | None = None, stop: Sequence[str] = (),
+                 stop_ids: Sequence[int] = ()) -> list[Completion]:
+        tokens: list[list[int]] = [[] for _ in prompts]
+        texts = [""] * len(prompts)
+        reasons = [""] * len(prompts)
+        for deltas in self.stream(prompts, max_new_tokens, sampling, stop, stop_ids):
+            for d in deltas:
+                tokens[d.row].append(d.token)
+                texts[d.row] += d.text
+                reasons[d.row] = d.finish_reason or ""
+        return [Completion(t, s, r) for t, s, r in zip(tokens, texts, reasons)]
+
+    def stream(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
+               sampling: Sampling | None = None, stop: Sequence[str] = (),
+               stop_ids: Sequence[int] = ()) -> Iterator[list[Delta]]:
+        """Yield, per step, one Delta for each row still running; finished rows stop growing."""
+        if max_new_tokens < 1:
+            raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts:
+            raise GenerateError("no prompts given")
+        sampling = sampling or Sampling()
+        ids = [self.encode(p) for p in prompts]
+        stop_set = set(self.eos) | set(stop_ids)
+        stop = [s for s in stop if s]
+        rows = [_Row() for _ in ids]
+        gen = torch.Generator().manual_seed(sampling.seed)
+        idx, valid = left_pad(ids, self.device)
+        self.decoder = self.new_decoder(idx.shape[1] + max_new_tokens)
+
+        start = time.perf_counter()
+        new = next_tokens(self.decoder.prefill(idx, valid, logits_to_keep=1)[:, -1], sampling, gen)
+        self.timing = {"prefill_tokens": sum(map(len, ids)), "prefill_s": time.perf_counter() - start,
+                       "decode_tokens": 0, "decode_s": 0.0}
+        while True:
+            deltas = [self._advance(i, row, int(t), max_new_tokens, stop_set, stop)
+                      for i, (row, t) in enumerate(zip(rows, new.tolist())) if row.finish_reason is None]
+            yield deltas
+            if all(row.finish_reason is not None for row in rows):
+                return
+            start = time.perf_counter()
+            # finished rows keep stepping (the batch stays rectangular) but their tokens are dropped
+            new = next_tokens(self.decoder.step(new.view(-1, 1).to(self.device))[:, -1], sampling, gen)
+            self.timing["decode_s"] += time.perf_counter() - start
+            self.timing["decode_tokens"] += sum(row.finish_reason is None for row in rows)
+
+    def _advance(self, i: int, row: _Row, token: int, max_new_tokens: int, stop_set: set[int],
+                 stop: list[str]) -> Delta:
+        row.tokens.append(token)
+        if token in stop_set:
+            row.finish_reason = "stop"
+            text = self.tokenizer.decode(row.tokens[:-1])
+        else:
+            text = self.tokenizer.decode(row.tokens)
+            cut = min((j for j in (text.find(s) for s in stop) if j >= 0), default=-1)
+            if cut >= 0:
+                row.finish_reason, text = "stop", text[:cut]
+            elif len(row.tokens) >= max_new_tokens:
+                row.finish_reason = "length"
+            else:
+                text = _settled(text, stop)
+        delta = Delta(i, token, text[len(row.emitted):], row.finish_reason)
+        row.emitted = text
+        return delta
+
+
+def _settled(text: str, stop: list[str]) -> str:
+    """Text safe to show mid-stream: without a trailing partial UTF-8 character (decoded as U+FFFD) and without
+    a suffix that could still grow into a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - hold]
