@@ -327,8 +327,9 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: ModelCache | None = None,
-                valid: torch.Tensor | None = None):
+                valid: torch.Tensor | None = None, logits_to_keep: int = 0):
         """Logits (B, T, V); with targets, the mean next-token cross-entropy instead (targets -100 ignored).
+        logits_to_keep > 0 projects only the last that many positions (a long prefill needs just the last one).
 
         valid (B, T) bool marks real tokens of left-padded rows; RoPE is relative, so a row padded on the left
         gets the same outputs as unpadded once the padding keys are masked.
@@ -344,6 +345,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, positions, layer_cache, key_valid, use_reentrant=False)
             else:
                 x = layer(x, positions, layer_cache, key_valid)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits

@@ -347,3 +347,13 @@ def test_memory_plan_refused_when_it_does_not_fit(monkeypatch):
     dec = LRQKDecoder(build("lrkv"), LRQKConfig(rank=4))
     with pytest.raises(MemoryPlanError, match=r"needs \d+ bytes of host memory, only 1000 are free"):
         dec.prefill(torch.ones(1, 8, dtype=torch.long))
+
+
+def test_prefill_logits_to_keep_with_sparse_tail():
+    model = build("lrkv")
+    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sparse_query_tail=2)
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 20))
+    all_logits = LRQKDecoder(model, cfg).prefill(idx)
+    for keep in (1, 2, 5):
+        torch.testing.assert_close(LRQKDecoder(model, cfg).prefill(idx, logits_to_keep=keep), all_logits[:, -keep:],
+                                   rtol=0, atol=1e-6)

@@ -208,3 +208,12 @@ def test_attention_rejects_bad_inputs_with_named_argument():
         lrkv_attention(**{**args, "q": torch.randn(H, T, D)})
     with pytest.raises(ValueError, match="unknown attention type 'flash'"):
         Block(dataclasses.replace(tiny("mha"), attn="flash"))
+
+
+def test_logits_to_keep_projects_only_the_last_positions():
+    model = build(tiny("lrkv"))
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full, last = model(idx), model(idx, logits_to_keep=3)
+    assert last.shape == (2, 3, 97)
+    torch.testing.assert_close(last, full[:, -3:], rtol=0, atol=1e-6)

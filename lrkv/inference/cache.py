@@ -181,10 +181,10 @@ class FullDecoder:
         return self.cache.length
 
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, idx: torch.Tensor, valid: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         self.cache = self.model.new_cache()
         self.stats = new_stats()
-        return self.model(idx, cache=self.cache, valid=valid)
+        return self.model(idx, cache=self.cache, valid=valid, logits_to_keep=logits_to_keep)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -536,9 +536,9 @@ class LRQKDecoder:
         return self.state.length
 
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact attention over the prompt (B, T) -> logits (B, T, V); the last `sparse_query_tail` tokens go
-        through the sparse decode path instead (their logits are decode logits)."""
+    def prefill(self, idx: torch.Tensor, valid: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Exact attention over the prompt (B, T) -> logits (B, T, V) (the last `logits_to_keep` positions if > 0);
+        the last `sparse_query_tail` tokens go through the sparse decode path instead (their logits are decode logits)."""
         B, T = idx.shape
         tail = self.cfg.sparse_query_tail
         if tail >= T:
@@ -552,9 +552,12 @@ class LRQKDecoder:
         self.state = _LRQKState(self, B, capacity)
         self.stats = new_stats()
         head = T - tail
-        logits = [self.model(idx[:, :head], cache=self.state, valid=None if valid is None else valid[:, :head])]
+        keep_head = 0 if logits_to_keep == 0 else max(logits_to_keep - tail, 1)
+        logits = [self.model(idx[:, :head], cache=self.state, valid=None if valid is None else valid[:, :head],
+                             logits_to_keep=keep_head)]
         logits += [self.step(idx[:, i : i + 1]) for i in range(head, T)]
-        return torch.cat(logits, dim=1)
+        logits = torch.cat(logits, dim=1)
+        return logits[:, -logits_to_keep:] if logits_to_keep > 0 else logits
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
