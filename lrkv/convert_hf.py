@@ -217,8 +217,10 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
     if out.exists() and any(out.iterdir()) and not _is_export(out):  # e.g. OUT given as SRC by mistake
         raise ConvertError(f"{out}: exists and is not an lrkv export folder; it would be replaced, choose another")
     state = convert_state_dict(src, cfg, dtype)
-    tokenizer, generation = src / "tokenizer.json", src / "generation_config.json"
-    extra = {generation.name: generation.read_text()} if generation.is_file() else None  # eos ids for generate
+    tokenizer = src / "tokenizer.json"
+    # generation_config.json: eos ids for generate; the source's tokenizer_config.json keeps its chat template
+    kept = [src / name for name in ("generation_config.json", "tokenizer_config.json")]
+    extra = {path.name: path.read_text() for path in kept if path.is_file()}
     save_export(state, cfg, out, tokenizer if tokenizer.is_file() else None, extra)
     return cfg
 

@@ -53,9 +53,10 @@ def pair(request, tmp_path_factory):
     if shard:  # the parts of a fused tensor must really sit in different files
         files = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
         assert len({files[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"}) > 1
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}{{ m }}{% endfor %}"}))
     convert(src, out)
-    generation = "generation_config.json"  # eos ids for generate
-    assert json.loads((out / generation).read_text()) == json.loads((src / generation).read_text())
+    for kept in ("generation_config.json", "tokenizer_config.json"):  # eos ids for generate; the chat template
+        assert json.loads((out / kept).read_text()) == json.loads((src / kept).read_text())
     return hf, load_export(out)
 
 
