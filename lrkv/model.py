@@ -221,12 +221,14 @@ class LRKVAttention(Attention):
             full = cache.append(k_s=k_s, v_s=v_s, z_k=z_k, z_v=z_v)
             k_s, v_s, z_k, z_v = full["k_s"], full["v_s"], full["z_k"], full["z_v"]
             cos, sin = self.rope(torch.arange(cache.length, device=x.device), self.head_dim)
-        args = (q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), self.b_k, self.b_v, cos, sin)
+        # under autocast the projections come out in bf16 while B stays an fp32 parameter: cast it like a matmul input
+        b_k, b_v = self.b_k.to(q.dtype), self.b_v.to(q.dtype)
+        args = (q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), b_k, b_v, cos, sin)
         if cache is not None and T <= DECODE_KERNEL_MAX_TOKENS and self.cfg.attn_impl == "triton" \
                 and not torch.is_grad_enabled() and fused_unavailable(q) is None:
             from lrkv.kernels.decode import lrkv_decode_attention  # imported late: TRITON_INTERPRET is read then
 
-            y = lrkv_decode_attention(q, k_s, v_s, z_k, z_v, self.b_k, self.b_v, cos, sin, key_valid=key_valid)
+            y = lrkv_decode_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, key_valid=key_valid)
         elif key_valid is not None:  # padding masks exist only on the reference path
             y = lrkv_attention_reference(*args, causal=True, key_valid=key_valid)
         elif self.cfg.attn_impl == "triton":

@@ -217,3 +217,15 @@ def test_logits_to_keep_projects_only_the_last_positions():
         full, last = model(idx), model(idx, logits_to_keep=3)
     assert last.shape == (2, 3, 97)
     torch.testing.assert_close(last, full[:, -3:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", VARIANTS)
+def test_bf16_autocast_trains_and_tracks_fp32(attn):
+    model = build(tiny(attn)).train()
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    ref = model(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations, fp32 parameters (bf16-mixed)
+        loss = model(idx, targets)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
