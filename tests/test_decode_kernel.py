@@ -1,17 +1,12 @@
-"""Flash-decoding LRKV kernel (lrkv/kernels/decode.py) against the reference, under the Triton interpreter on CPU."""
+"""Flash-decoding LRKV kernel (lrkv/kernels/decode.py) against the reference, under the Triton interpreter on CPU
+(switched on in conftest.py)."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernel module is imported
-
-import pytest  # noqa: E402
-
-import lrkv.kernels.decode as decode  # noqa: E402
-from lrkv.config import ModelConfig  # noqa: E402
-from lrkv.model import Transformer, rope_tables  # noqa: E402
+import lrkv.kernels.decode as decode
+from lrkv.config import ModelConfig
+from lrkv.model import Transformer, rope_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

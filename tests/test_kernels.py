@@ -1,26 +1,19 @@
 """Fused Triton LRKV attention (lrkv/kernels/lrkv_attn.py) against the fp32 reference: output and every gradient.
 
-Without CUDA the kernels run under the Triton interpreter, in fp32 with 64-wide tiles. TRITON_INTERPRET must be
-set before the module defining the @triton.jit kernels is imported; it is set here, at collection, and stays
-set for the pytest process: `lrkv.kernels.lrkv_attention` then runs the interpreted kernel on fp32 CPU tensors
-(other dtypes still fall back to the reference), which only `attn_impl: triton` callers can notice.
+Without CUDA the kernels run under the Triton interpreter (switched on in conftest.py), in fp32 with 64-wide tiles.
 """
 
-import os
 import time
 import warnings
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import lrkv.kernels  # noqa: E402
-from lrkv.config import ModelConfig, validate_model  # noqa: E402
-from lrkv.kernels import lrkv_attn  # noqa: E402
-from lrkv.kernels.reference import lrkv_attention as reference  # noqa: E402
-from lrkv.model import Transformer, rope_tables  # noqa: E402
+import lrkv.kernels
+from lrkv.config import ModelConfig, validate_model
+from lrkv.kernels import lrkv_attn
+from lrkv.kernels.reference import lrkv_attention as reference
+from lrkv.model import Transformer, rope_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("o", "q", "k_s", "v_s", "z_k", "z_v", "b_k", "b_v")
