@@ -70,12 +70,12 @@ class ModelConfig:
 class DataConfig:
     source: str = "shakespeare"  # shakespeare (embedded) | path to .txt/.json/.jsonl/.parquet file or folder | hf:NAME[:CONFIG]
     text_field: str = "text"
+    text_sample_by: str = "document"  # .txt files: one document per file | paragraph | line
     seq_len: int = 128
     val_fraction: float = 0.01
     tokenizer: str | None = None  # path to tokenizer.json; None: train a byte-level BPE of vocab_size on the corpus
     tokenizer_train_chars: int = 20_000_000  # characters used to train the tokenizer
     streaming: bool = False  # stream hub datasets instead of downloading
-    num_workers: int = 0
 
 
 @dataclass
@@ -99,7 +99,6 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 2
     activation_checkpointing: bool = False
-    compile: bool = False
 
 
 @dataclass
@@ -329,6 +328,8 @@ def validate(cfg: Config) -> None:
     d, t, s = cfg.data, cfg.train, cfg.strategy
     _require(0 < d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
              f"must be in [1, model.max_seq_len={cfg.model.max_seq_len}], got {d.seq_len}")
+    _require(d.text_sample_by in ("document", "paragraph", "line"), "data.text_sample_by",
+             f"document, paragraph or line, got '{d.text_sample_by}'")
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     for key in ("max_steps", "micro_batch_size", "grad_accum", "val_every", "ckpt_every", "keep_last"):
         _require(getattr(t, key) > 0, f"train.{key}", f"must be > 0, got {getattr(t, key)}")

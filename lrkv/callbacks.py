@@ -1,0 +1,184 @@
+"""Training callbacks: throughput/MFU/ETA, loss-curve PNG, non-finite-loss stop, checkpoint-and-exit on signals."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+# bf16 dense tensor-core peak, TFLOP/s, matched against torch.cuda.get_device_name()
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; nothing was checkpointed at or after that step."""
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of one device, None when unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def _step_of(trainer: L.Trainer, batch_idx: int) -> int:
+    """1-based optimizer step the micro-batch `batch_idx` belongs to (global_step already counts a finished one)."""
+    finished = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    return trainer.global_step if finished else trainer.global_step + 1
+
+
+class Throughput(L.Callback):
+    """Every `every` optimizer steps: tokens/s per device, MFU, ETA; a plain log line when there is no progress bar.
+
+    MFU = model FLOPs per token (formula, fwd + bwd) x tokens/s per device / device peak ("n/a" when unknown).
+    """
+
+    def __init__(self, every: int, seq_len: int, print_lines: bool):
+        self.every, self.seq_len, self.print_lines = every, seq_len, print_lines
+        self._t0: float | None = None
+        self._tokens = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += batch[0].numel()
+        step = trainer.global_step
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or (step % self.every and step != trainer.max_steps):
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # time the work, not the kernel launches
+        elapsed = time.perf_counter() - self._t0
+        tps = self._tokens / elapsed
+        steps_in_window = self._tokens / (batch[0].numel() * trainer.accumulate_grad_batches)
+        eta = (trainer.max_steps - step) * elapsed / steps_in_window
+        peak = peak_flops(pl_module.device)
+        mfu = pl_module.model.num_flops_per_token(self.seq_len) * tps / peak if peak else None
+        metrics = {"perf/tokens_per_s_per_device": tps, "perf/eta_s": eta}
+        if mfu is not None:
+            metrics["perf/mfu"] = mfu
+        pl_module.log_dict(metrics)
+        if self.print_lines and trainer.is_global_zero:
+            m = trainer.callback_metrics
+            loss = m.get("train/loss")
+            grad = m.get("train/grad_norm")
+            print(f"step {step}/{trainer.max_steps} | loss {float(loss):.4f}" if loss is not None else f"step {step}",
+                  f"| lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}",
+                  f"| grad {float(grad):.3f}" if grad is not None else "",
+                  f"| {tps:,.0f} tok/s/device | MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}",
+                  f"| ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
+        self._t0, self._tokens = time.perf_counter(), 0
+
+
+class LossCurve(L.Callback):
+    """Records train loss (first step, every `every` steps, last step) and val loss; draws a PNG at the end.
+
+    The history is callback state, so it is in every checkpoint and a resumed run plots the whole curve.
+    """
+
+    def __init__(self, every: int, png: str | Path):
+        self.every, self.png = every, Path(png)
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        step = trainer.global_step
+        if step == 1 or step % self.every == 0 or step == trainer.max_steps:
+            # outputs["loss"] is divided by grad_accum; the logged value is the micro-batch's plain loss
+            self.train.append((step, float(trainer.callback_metrics["train/loss"])))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.val.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.train:
+            self.plot()
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*self.train), label="train")
+        if self.val:
+            ax.plot(*zip(*self.val), "o-", label="val")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.png, dpi=100)
+        plt.close(fig)
+
+    def state_dict(self) -> dict:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train, self.val = [tuple(x) for x in state["train"]], [tuple(x) for x in state["val"]]
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stops the run on a NaN/inf loss on any rank, naming the step.
+
+    It runs before ModelCheckpoint (Lightning orders checkpoint callbacks last), so the bad step is never saved.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"]
+        if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(loss)}) at step {_step_of(trainer, batch_idx)} of "
+                f"{trainer.max_steps}; stopped without checkpointing it. Lower train.lr or check the data, "
+                f"then resume from the last good checkpoint with --run.resume=auto")
+
+
+class PreemptionCheckpoint(L.Callback):
+    """SIGTERM / SIGUSR1 (SLURM preemption or time limit): finish the optimizer step, save `path`, stop cleanly.
+
+    Lightning's own handlers end the run before the step completes (SIGTERM) or save mid-step (SLURM's
+    SIGUSR1), so a resume would not be exact; these handlers only set a flag, and the save happens at the next
+    optimizer-step boundary on every rank at once (the flag is reduced across ranks).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning registered its handlers; Python delivers signals to the main thread only
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+            rank_zero_info(f"signal received: saved {self.path} at step {trainer.global_step}; stopping")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

@@ -1,0 +1,113 @@
+"""Pretrain an LRKV (or baseline) language model.
+
+    python train.py --config lrkv_debug.yaml [--section.key=value ...]
+
+Same command on a laptop (CPU, fp32) and on GPU nodes (torchrun / srun start one process per device;
+Lightning picks the ranks up from the environment). The run folder gets: config.yaml (resolved), tokenizer.json,
+data/ (tokenized corpus cache), checkpoints/ (step-N.ckpt, last.ckpt), csv/ and tensorboard/ logs,
+loss_curve.png, and export/ (config.json, model.safetensors, tokenizer.json) at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from tokenizers import Tokenizer
+
+from lrkv.callbacks import LossCurve, NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint, Throughput
+from lrkv.checkpoint import LAST, AtomicCheckpointIO, RunDirError, checkpoint_dir, prepare_run_dir
+from lrkv.config import ConfigError, parse_cli
+from lrkv.data import DataError, LMData
+from lrkv.export import export_checkpoint, load_export, save_export
+from lrkv.inference.generate import Generator
+from lrkv.lit import CheckpointMismatchError, LitLM
+from lrkv.strategy import trainer_kwargs
+from lrkv.tokenizer import TokenizerError, eos_id
+
+USER_ERRORS = (ConfigError, RunDirError, DataError, TokenizerError, CheckpointMismatchError, NonFiniteLossError)
+
+
+def main(argv: list[str] | None = None, callbacks: tuple[L.Callback, ...] = ()) -> dict:
+    """Train, export, sample. `callbacks` are extra Lightning callbacks (tests use them to interrupt a run)."""
+    t_start = time.time()
+    cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+    run_dir = Path(cfg.run.dir)
+    is_rank_zero = rank_zero_only.rank == 0  # from RANK / LOCAL_RANK / SLURM_PROCID, before any process group
+    resume = prepare_run_dir(cfg, run_dir, write=is_rank_zero)
+    L.seed_everything(cfg.train.seed, verbose=False)  # same initial weights on every rank and every try
+
+    # ---- data, model, logging, checkpoints
+    data = LMData(cfg, run_dir)
+    lit = LitLM(cfg)
+    loggers = [CSVLogger(run_dir, name="csv")] if cfg.log.csv else []  # a new version_N folder per (re)start
+    if cfg.log.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+    if cfg.log.wandb:
+        loggers.append(WandbLogger(project=cfg.log.wandb_project, save_dir=run_dir, name=run_dir.name))
+    show_bar = cfg.log.progress_bar and sys.stderr.isatty()  # plain log lines in files / batch jobs
+    curve = LossCurve(cfg.log.every, run_dir / "loss_curve.png")
+    preempt = PreemptionCheckpoint(checkpoint_dir(run_dir) / LAST)
+    periodic = ModelCheckpoint(dirpath=checkpoint_dir(run_dir), filename="step-{step:06d}",
+                               auto_insert_metric_name=False, every_n_train_steps=cfg.train.ckpt_every, save_top_k=cfg.train.keep_last,
+                               monitor="step", mode="max", save_last=True,  # top-k by step = keep the last N
+                               enable_version_counter=False)  # last.ckpt is also written on signals: replace it
+
+    kwargs = trainer_kwargs(cfg)
+    kwargs["plugins"] = [*kwargs.get("plugins", []), AtomicCheckpointIO()]
+    trainer = L.Trainer(
+        **kwargs,
+        max_steps=cfg.train.max_steps,
+        accumulate_grad_batches=cfg.train.grad_accum,
+        gradient_clip_val=cfg.train.grad_clip,
+        val_check_interval=min(cfg.train.val_every, cfg.train.max_steps) * cfg.train.grad_accum,  # in micro-batches
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.log.every,
+        logger=loggers,
+        callbacks=[Throughput(cfg.log.every, cfg.data.seq_len, print_lines=not show_bar), curve,
+                   NonFiniteLossGuard(), preempt, periodic, *callbacks],
+        enable_progress_bar=show_bar,
+        default_root_dir=run_dir,
+        use_distributed_sampler=False,  # LMData shards by rank itself
+    )
+
+    # ---- train
+    trainer.fit(lit, datamodule=data, ckpt_path=resume)
+    if preempt.stopped_at is not None:
+        if trainer.is_global_zero:
+            print(f"stopped by signal at step {preempt.stopped_at}; resume with --run.resume=auto")
+        return {"trainer": trainer, "lit": lit, "curve": curve, "stopped_at": preempt.stopped_at}
+    if trainer.global_step % cfg.train.ckpt_every:  # ModelCheckpoint saved multiples of ckpt_every only
+        trainer.save_checkpoint(checkpoint_dir(run_dir) / LAST, weights_only=False)
+
+    # ---- export and sample (rank 0)
+    result = {"trainer": trainer, "lit": lit, "curve": curve, "stopped_at": None}
+    if not trainer.is_global_zero:
+        return result
+    tokenizer_file = run_dir / "tokenizer.json"
+    if cfg.run.export and cfg.strategy.name == "deepspeed":  # ZeRO shards / bf16 copies: consolidate the fp32 master
+        export_checkpoint(checkpoint_dir(run_dir) / LAST, run_dir / "export", tokenizer_file)
+    elif cfg.run.export:
+        save_export(lit.model.state_dict(), cfg.model, run_dir / "export", tokenizer_file)
+    model = load_export(run_dir / "export", device=lit.device) if cfg.run.export else lit.model.float().eval()
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    sample = Generator(model, tok, eos=[eos_id(tok)]).generate([cfg.run.sample_prompt], cfg.run.sample_tokens)[0]
+    (first_step, first), (last_step, last) = curve.train[0], curve.train[-1]
+    print(f"\n--- sample (greedy) ---\n{cfg.run.sample_prompt}{sample.text}\n---")
+    print(f"loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}); "
+          f"wall time {time.time() - t_start:.1f} s; run folder {run_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
