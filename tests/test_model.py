@@ -77,7 +77,6 @@ def naive_lrkv_layer(attn: LRKVAttention, x: torch.Tensor) -> torch.Tensor:
     """Independent LRKV: per-head loops with explicit weights, K_h = X W_K^s + (X A_h) B_h, plain softmax."""
     H, D, rk, rv = attn.n_head, attn.head_dim, attn.rank_k, attn.rank_v
     W = attn.qkv.weight.T  # (d, out)
-    o = 0
     Wq, Wks, Wvs = W[:, : H * D], W[:, H * D : H * D + D], W[:, H * D + D : H * D + 2 * D]
     Ak, Av = W[:, H * D + 2 * D : H * D + 2 * D + H * rk], W[:, H * D + 2 * D + H * rk :]
     T = x.shape[1]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy
 
 from lrkv.config import ConfigError, load_config
 from lrkv.strategy import CPUDeepSpeedStrategy, deepspeed_config, detect_launch, trainer_kwargs
