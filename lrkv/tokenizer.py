@@ -41,8 +41,9 @@ def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         left -= len(text)
 
 
-def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer:
-    """Load a tokenizer.json and check it fits a model with `vocab_size` embeddings and has the EOS token."""
+def load_tokenizer(path: str | Path, vocab_size: int, require_eos: bool = True) -> Tokenizer:
+    """Load a tokenizer.json and check it fits a model with `vocab_size` embeddings and (for training, where it
+    separates packed documents) has the EOS token."""
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer file not found")
@@ -54,7 +55,7 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer:
     if n > vocab_size:
         raise TokenizerError(f"{path}: tokenizer has {n} tokens but model.vocab_size is {vocab_size}; "
                              f"set --model.vocab_size={n} or use a matching tokenizer")
-    if tok.token_to_id(EOS) is None:
+    if require_eos and tok.token_to_id(EOS) is None:
         raise TokenizerError(f"{path}: tokenizer has no '{EOS}' token (needed as the document separator)")
     return tok
 

@@ -28,7 +28,7 @@ from lrkv.export import TOKENIZER_NAME, load_export, load_model_config
 from lrkv.inference.cache import FullDecoder
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder, MemoryPlan, memory_plan
 from lrkv.model import Transformer
-from lrkv.tokenizer import EOS, TokenizerError
+from lrkv.tokenizer import EOS, TokenizerError, load_tokenizer
 
 CACHE_MODES = ("full", "lrqk")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -122,14 +122,7 @@ def load_tokenizer_file(export_dir: str | Path, vocab_size: int) -> Tokenizer:
     path = Path(export_dir) / TOKENIZER_NAME
     if not path.is_file():
         raise TokenizerError(f"{export_dir}: no {TOKENIZER_NAME}; generation needs the export's tokenizer")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from e
-    if tok.get_vocab_size() > vocab_size:
-        raise TokenizerError(f"{path}: tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size "
-                             f"is {vocab_size}; tokenizer and weights do not belong together")
-    return tok
+    return load_tokenizer(path, vocab_size, require_eos=False)
 
 
 def eos_ids(export_dir: str | Path, tok: Tokenizer) -> list[int]:
