@@ -1,0 +1,53 @@
+"""Helpers shared by the eval modules: the debug-scale variant overrides, tokenizer loading, tables, plotting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CPU boxes or CI
+import matplotlib.pyplot as plt  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from lrkv.export import TOKENIZER_NAME  # noqa: E402
+
+# CLI overrides that turn configs/lrkv_debug.yaml (4 heads, head_dim 32) into each baseline. GQA-2 matches LRKV's
+# 50% cache; MLA keeps the framework defaults (d_c 64 + d_R 16 = 80 numbers, 31% of MHA).
+VARIANTS: dict[str, list[str]] = {
+    "mha": ["--model.attn=mha"],
+    "gqa": ["--model.attn=gqa", "--model.n_kv_head=2"],
+    "mqa": ["--model.attn=mqa"],
+    "mla": ["--model.attn=mla"],
+    "lrkv": ["--model.attn=lrkv"],
+}
+
+
+def export_tokenizer(export_dir: str | Path) -> Tokenizer:
+    path = Path(export_dir) / TOKENIZER_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}: no {TOKENIZER_NAME}; export the model with its tokenizer")
+    return Tokenizer.from_file(str(path))
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A GitHub markdown table; floats printed with 4 significant digits."""
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(rows[0])
+
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

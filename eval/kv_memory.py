@@ -1,0 +1,103 @@
+"""KV-cache bytes per token, and per sequence at 4K..128K, for every shipped config and every debug-scale variant:
+measured from real cache tensors and checked against the formula (`Transformer.kv_bytes_per_token`).
+
+A cache's layout depends only on one layer's attention geometry, so the measurement runs a real bf16 forward
+through a copy of the model with one layer (same d_model, heads, head_dim, ranks, MLA latents; a 16-token vocab
+and a 16-wide MLP) and multiplies the bytes its KVCache holds per token by n_layer. A 2.5B config thus costs
+one attention layer of memory, not the model.
+
+    python -m eval.kv_memory [--out reports/kv_memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from eval.common import VARIANTS, markdown_table, plt, save_figure
+from lrkv.config import CONFIG_DIR, ModelConfig, load_config
+from lrkv.info import mha_equivalent
+from lrkv.model import Transformer
+
+CONTEXTS = (4096, 8192, 32768, 131072)
+ATTN_ORDER = ("mha", "gqa", "mqa", "mla", "lrkv")
+DTYPE, DTYPE_BYTES = torch.bfloat16, 2
+
+
+def measured_bytes_per_token(m: ModelConfig) -> int:
+    """Bytes per token (all layers, bf16) of the tensors a real forward leaves in the cache."""
+    probe = dataclasses.replace(m, n_layer=1, vocab_size=16, ffn_dim=16, attn_impl="torch")
+    model = Transformer(probe).to(DTYPE).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    return m.n_layer * cache.layers[0].bytes_per_token()
+
+
+def formula_bytes_per_token(m: ModelConfig) -> int:
+    with torch.device("meta"):
+        return Transformer(m).kv_bytes_per_token(DTYPE_BYTES)
+
+
+def named_configs() -> list[tuple[str, ModelConfig]]:
+    """Every configs/*.yaml, plus lrkv_debug turned into each variant (the geometry eval.compare trains)."""
+    out = [(p.stem, load_config(p).model) for p in sorted(CONFIG_DIR.glob("*.yaml"))]
+    out += [(f"debug-{name}", load_config("lrkv_debug.yaml", overrides).model) for name, overrides in VARIANTS.items()]
+    return out
+
+
+def kv_rows(configs: list[tuple[str, ModelConfig]] | None = None) -> list[dict]:
+    rows = []
+    for name, m in configs or named_configs():
+        measured, formula = measured_bytes_per_token(m), formula_bytes_per_token(m)
+        mha = formula_bytes_per_token(mha_equivalent(m))
+        row = {"config": name, "attn": m.attn, "layers": m.n_layer, "bytes/token": measured, "formula": formula,
+               "match": measured == formula, "% of MHA": 100.0 * measured / mha,
+               "x-cache bound %": 100.0 * m.d_model / (2 * m.n_head * m.dh)}  # caching the layer input (spec §2)
+        row.update({f"GiB@{t // 1024}K": measured * t / 2**30 for t in CONTEXTS})
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.28 * len(rows) + 2.5))
+    names = [r["config"] for r in rows]
+    colors = [f"C{ATTN_ORDER.index(r['attn'])}" for r in rows]  # one colour per variant in both panels
+    left.barh(names, [r["% of MHA"] for r in rows], color=colors)
+    left.scatter([r["x-cache bound %"] for r in rows], names, marker="|", s=120, color="k", label="cache layer input x")
+    left.set_xlabel("KV bytes per token, % of the same body with MHA")
+    left.invert_yaxis()
+    left.legend(loc="lower right")
+    for r, color in zip(rows, colors):
+        style = "-" if "2p5b" in r["config"] else "--" if "125m" in r["config"] else ":"
+        right.plot(CONTEXTS, [r[f"GiB@{t // 1024}K"] for t in CONTEXTS], style, color=color, marker="o", label=r["config"])
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("context (tokens)")
+    right.set_ylabel("KV cache per sequence (GiB, bf16)")
+    right.legend(fontsize=6, ncol=2)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="reports/kv_memory")
+    args = ap.parse_args(argv)
+    rows = kv_rows()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    (out / "kv_memory.md").write_text("# KV cache per token (bf16), measured vs formula\n\n" + table)
+    plot(rows, out / "kv_memory.png")
+    print(table)
+    bad = [r["config"] for r in rows if not r["match"]]
+    if bad:
+        raise SystemExit(f"measured KV bytes differ from the formula for {bad}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

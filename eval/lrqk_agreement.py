@@ -1,0 +1,158 @@
+"""LRQK vs full attention, per layer and end to end, swept over rank r and top-k.
+
+For each prompt (a window of held-out text) the full decoder and the LRQK decoder prefill the same prefix and
+are then teacher-forced through the same continuation, so every step compares like with like:
+    recall      share of the exact top-k keys (by true q.k, among top-k candidates) that the proxy selected
+                (the decoder's own `measure_recall`), mean over steps, per layer
+    mass        softmax attention mass of the exact scores that falls on the attended set (sinks + recent + top-k)
+    rel_err     ||y_lrqk - y_exact|| / ||y_exact|| of the layer's attention output, where y_exact is exact
+                attention over every stored token for the same query: each layer's own error, not propagated
+    kl          KL(p_full || p_lrqk) of the final next-token distributions
+    agree       share of steps whose greedy (argmax) token is the same
+The per-layer numbers read the decoder's resident set and row store (lrkv/inference/lrqk.py internals).
+
+    python -m eval.lrqk_agreement --export DIR [--ranks 4,8,16] [--top-ks 16,32,64] [--prompts 4] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.common import export_tokenizer, markdown_table, plt, save_figure
+from eval.perplexity import source_tokens
+from lrkv.export import load_export
+from lrkv.inference.cache import FullDecoder
+from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
+from lrkv.model import Transformer
+
+
+class LayerProbe:
+    """Wraps one LRQK layer's `attend` to record, at every decode step, the attention mass on the attended set and
+    the relative error against exact attention over all stored tokens."""
+
+    def __init__(self, layer):
+        self.layer, self.mass, self.rel_err = layer, [], []
+        self.inner = layer.attend
+        layer.attend = self
+
+    def __call__(self, module, q, kv, key_valid):
+        y = self.inner(module, q, kv, key_valid)
+        if q.shape[2] == 1:
+            self.record(q, y)
+        return y
+
+    def record(self, q: torch.Tensor, y: torch.Tensor) -> None:
+        lay = self.layer
+        B, H, _, D = q.shape
+        L = lay.length
+        lay.store.ready()
+        rows = lay.store.rows[lay.store_of.to(lay.store.rows.device), :L].to(q.device)
+        k, v = lay.keys_values(rows, torch.arange(L, device=q.device).expand(len(rows), -1))
+        p = torch.softmax((q.float() @ k.float().mT)[:, :, 0] / math.sqrt(D), dim=-1)  # (B, H, L)
+        exact = (p[:, :, None] @ v.float()).transpose(1, 2).reshape(B, 1, H * D)
+        attended = torch.zeros(lay.pool.token.shape[0], L, device=q.device)
+        attended.scatter_add_(1, lay.pool.token.clamp(min=0), lay.active.float())  # (pool streams, L); empty slots add 0
+        self.mass.append(float((p * attended.view(B, -1, L)).sum(-1).mean()))
+        self.rel_err.append(float((y.float() - exact).norm() / exact.norm().clamp_min(1e-30)))
+
+
+def agreement(model: Transformer, windows: list[torch.Tensor], prefix: int, cfg: LRQKConfig) -> dict:
+    """Metrics for one LRQK config over teacher-forced windows (each prefix + continuation tokens)."""
+    cfg = dataclasses.replace(cfg, measure_recall=True)
+    n_layer = len(model.layers)
+    mass, rel_err, recall = [[] for _ in range(n_layer)], [[] for _ in range(n_layer)], []
+    kl, agree = [], []
+    for w in windows:
+        full, lrqk = FullDecoder(model), LRQKDecoder(model, cfg)
+        lf, ll = full.prefill(w[None, :prefix])[:, -1], lrqk.prefill(w[None, :prefix])[:, -1]
+        probes = [LayerProbe(layer) for layer in lrqk.state.layers]
+        for t in range(prefix, len(w)):
+            tok = w[None, t:t + 1]
+            lf, ll = full.step(tok)[:, -1], lrqk.step(tok)[:, -1]
+            logp_f, logp_l = F.log_softmax(lf.float(), -1), F.log_softmax(ll.float(), -1)
+            kl.append(float((logp_f.exp() * (logp_f - logp_l)).sum()))
+            agree.append(float(lf.argmax() == ll.argmax()))
+        for i, probe in enumerate(probes):
+            mass[i] += probe.mass
+            rel_err[i] += probe.rel_err
+        recall.append(lrqk.stats["recall"])
+    per_layer = {"recall": np.mean(recall, axis=0).tolist(), "mass": [float(np.mean(m)) for m in mass],
+                 "rel_err": [float(np.mean(e)) for e in rel_err]}
+    return {**{k: float(np.mean(v)) for k, v in per_layer.items()}, "kl": float(np.mean(kl)),
+            "agree": float(np.mean(agree)), "per_layer": per_layer}
+
+
+def sweep(model: Transformer, windows: list[torch.Tensor], prefix: int, ranks: list[int], top_ks: list[int],
+          recent: int, sinks: int) -> list[dict]:
+    rows = []
+    for r in ranks:
+        for k in top_ks:
+            res = agreement(model, windows, prefix, LRQKConfig(rank=r, top_k=k, recent=recent, sinks=sinks))
+            row = {"rank": r, "top_k": k, **{m: res[m] for m in ("recall", "mass", "rel_err", "kl", "agree")}}
+            row |= {f"{m} by layer": " ".join(f"{x:.3f}" for x in res["per_layer"][m]) for m in res["per_layer"]}
+            rows.append(row)
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, prefix: int) -> Path:
+    metrics = ("recall", "mass", "rel_err", "kl", "agree")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.3))
+    for ax, m in zip(axes, metrics):
+        for r in sorted({row["rank"] for row in rows}):
+            pts = [(row["top_k"], row[m]) for row in rows if row["rank"] == r]
+            ax.plot(*zip(*pts), marker="o", label=f"r={r}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"top-k (of {prefix} prompt tokens)")
+        ax.set_title(m)
+    axes[0].legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def text_windows(export: str, n: int, length: int, source: str, split: str) -> list[torch.Tensor]:
+    tokens = source_tokens(export_tokenizer(export), source, split)
+    if len(tokens) < n * length:
+        raise ValueError(f"{source} ({split}) has {len(tokens)} tokens, fewer than {n} windows of {length}")
+    return [torch.from_numpy(tokens[i * length:(i + 1) * length].astype(np.int64)) for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--export", required=True)
+    ap.add_argument("--source", default="shakespeare")
+    ap.add_argument("--split", default="val", choices=("val", "all"))
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prefix", type=int, default=192, help="prefilled tokens per prompt")
+    ap.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps per prompt")
+    ap.add_argument("--ranks", default="4,8,16")
+    ap.add_argument("--top-ks", default="16,32,64")
+    ap.add_argument("--recent", type=int, default=16)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
+    ap.add_argument("--out", default="reports/lrqk_agreement")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_export(args.export)
+    windows = text_windows(args.export, args.prompts, args.prefix + args.steps, args.source, args.split)
+    rows = sweep(model, windows, args.prefix, [int(x) for x in args.ranks.split(",")],
+                 [int(x) for x in args.top_ks.split(",")], args.recent, args.sinks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    (out / "lrqk_agreement.md").write_text(
+        f"# LRQK vs full ({args.export}; {args.prompts} prompts x {args.prefix} prefill + {args.steps} steps; "
+        f"recent {args.recent}, sinks {args.sinks})\n\n{table}")
+    plot(rows, out / "lrqk_agreement.png", args.prefix)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""eval/: task generators parse back, prompt sizing, RULER scoring, head-diversity metrics, perplexity, KV memory."""
+
+import json
+import math
+import random
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from eval.compare import savings, smooth, steps_to_reach, val_curve
+from eval.head_diversity import centred_spectrum, diversity_metrics, head_maps, layer_diversity, operator_gram
+from eval.kv_memory import formula_bytes_per_token, measured_bytes_per_token, named_configs
+from eval.long_context import TASKS, Item, evaluate, make_item, prompt_tokens, ruler_score, string_match_all
+from eval.lrqk_agreement import agreement
+from eval.perplexity import perplexity, source_tokens
+from lrkv.config import ModelConfig, validate_model
+from lrkv.inference.lrqk import LRQKConfig
+from lrkv.model import Transformer
+from lrkv.tokenizer import train_tokenizer
+
+VARIANTS = ("mha", "gqa", "mqa", "mla", "lrkv")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decode steps are tiny ops: on 2 shared cores, thread hand-offs cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [gen(random.Random(i), 40, 0.5).prompt for i in range(4) for gen in TASKS.values()]
+    return train_tokenizer(texts, 400, 10**6)
+
+
+def tiny(attn: str, **kw) -> ModelConfig:
+    base = dict(attn=attn, vocab_size=400, n_layer=2, d_model=64, n_head=4, head_dim=16, rank_k=4, rank_v=6,
+                n_kv_head=2 if attn == "gqa" else None, mla_kv_rank=24, mla_rope_dim=8, ffn_dim=96, lrkv_b_init="normal")
+    base.update(kw)
+    cfg = ModelConfig(**base)
+    validate_model(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- long context
+# Each parser recovers the answer from the prompt text alone, without the generator's internals.
+
+
+def parse_passkey(it: Item) -> list[str]:
+    keys = re.findall(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.", it.context)
+    assert len(keys) == 1 and keys[0][0] == keys[0][1]
+    return [keys[0][0]]
+
+
+def parse_niah(it: Item) -> list[str]:
+    key = re.search(r"magic (?:number|uuid) for (\S+) mentioned in the provided text\?", it.question).group(1)
+    needles = dict(re.findall(r"One of the special magic (?:numbers|uuids) for (\S+) is: (\S+)\.", it.context))
+    assert len(needles) == (1 if it.task == "niah_single" else 4)
+    return [needles[key]]
+
+
+def parse_vt(it: Item) -> list[str]:
+    value = re.search(r"assigned the value (\d+) in the text above", it.question).group(1)
+    found = {name for name, v in re.findall(r"VAR (\w+) = (\d+)\.", it.context) if v == value}
+    links = re.findall(r"VAR (\w+) = VAR (\w+)\.", it.context)
+    grew = True
+    while grew:
+        new = {dst for dst, src in links if src in found} - found
+        found |= new
+        grew = bool(new)
+    return sorted(found)
+
+
+def parse_top_words(words: list[str], k: int) -> list[str]:
+    counts = Counter(words).most_common()
+    assert counts[k - 1][1] > counts[k][1], "the top-k is ambiguous"
+    return sorted(w for w, _ in counts[:k])
+
+
+def parse_cwe(it: Item) -> list[str]:
+    k = int(re.search(r"What are the (\d+) most common words", it.question).group(1))
+    return parse_top_words(re.findall(r"\d+\. (\w+)", it.context), k)
+
+
+def parse_fwe(it: Item) -> list[str]:
+    return parse_top_words(it.context.split("\n", 1)[1].split(), 3)
+
+
+def parse_mqar(it: Item) -> list[str]:
+    pairs = dict(re.findall(r"(\w+)=(\d+)", it.context.split("\n", 1)[1]))
+    for k, v in re.findall(r"(\w+)=(\d+)", it.question):
+        assert pairs[k] == v
+    return [pairs[re.search(r"(\w+)=$", it.question).group(1)]]
+
+
+PARSERS = {"passkey": parse_passkey, "niah_single": parse_niah, "niah_multikey": parse_niah,
+           "niah_multikey_uuid": parse_niah, "vt": parse_vt,
+           "cwe": parse_cwe, "fwe": parse_fwe, "mqar": parse_mqar}
+
+
+def test_every_task_has_a_parser():
+    assert set(PARSERS) == set(TASKS)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("target", [600, 1500])
+def test_answer_recoverable_and_length_on_target(tok, task, target):
+    for seed, depth in ((0, 0.0), (1, 0.5), (2, 1.0)):
+        it = make_item(task, tok, target, seed, depth)
+        assert sorted(PARSERS[task](it)) == sorted(it.answers)
+        n = prompt_tokens(tok, it)
+        assert target - max(40, 0.03 * target) <= n <= target, (task, target, n)
+
+
+def test_uuid_keys_and_needle_depth(tok):
+    it = make_item("niah_multikey_uuid", tok, 800, 3)
+    assert parse_niah(it) == it.answers and re.fullmatch(r"[0-9a-f-]{36}", it.answers[0])
+    positions = []
+    for depth in (0.0, 0.5, 1.0):
+        it = make_item("niah_single", tok, 800, 4, depth)
+        positions.append(it.context.index("One of the special magic") / len(it.context))
+    assert positions[0] < 0.15 and 0.4 < positions[1] < 0.6 and positions[2] > 0.9
+
+
+def test_ruler_scoring_hand_cases():
+    assert string_match_all("The values are 123 and 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
+    assert string_match_all(" KAZI, lame", ["kazi", "Lame"]) == 1.0
+    assert string_match_all("", ["1"]) == 0.0
+    items = [Item("t", "", "", ["1"]), Item("t", "", "", ["2", "3"])]
+    assert ruler_score(["1", "3"], items) == pytest.approx(100 * (1 + 0.5) / 2)
+
+
+# ---------------------------------------------------------------------------------------------------- head diversity
+
+
+def test_identical_heads_have_zero_diversity():
+    L, R = torch.randn(1, 8, 2, dtype=torch.float64).expand(5, 8, 2), torch.randn(1, 8, 2, dtype=torch.float64).expand(5, 8, 2)
+    for normalize in (True, False):
+        m = diversity_metrics(*centred_spectrum(operator_gram(L, R), normalize))
+        assert all(v == 0.0 for v in m.values()), m
+
+
+def test_orthogonal_equal_norm_heads_span_h_minus_1_dimensions():
+    H, m = 4, 2
+    E = torch.eye(H * m, dtype=torch.float64).view(H * m, H, m).permute(1, 0, 2)  # head h: columns h*m..h*m+m-1
+    gram = operator_gram(E, 3 * E)  # M_h = 3 E_h E_h^T: orthogonal, ||M_h||^2 = 9 m
+    torch.testing.assert_close(gram, 9 * m * torch.eye(H, dtype=torch.float64))
+    eig, total = centred_spectrum(gram, normalize=False)
+    torch.testing.assert_close(eig, torch.tensor([18.0, 18.0, 18.0, 0.0], dtype=torch.float64))
+    met = diversity_metrics(eig, total)
+    assert met["erank"] == pytest.approx(H - 1) and met["erank_pct"] == pytest.approx(100.0)
+    assert met["pr"] == pytest.approx(H - 1) and met["top1"] == pytest.approx(1 / 3) and met["top4"] == pytest.approx(1.0)
+    assert met["spread"] == pytest.approx((H - 1) / H)
+
+
+def test_two_orthogonal_heads_of_unequal_norm():
+    # G = diag(a, b); J G J = (a+b)/4 [[1,-1],[-1,1]] has eigenvalues (a+b)/2 and 0.
+    eig, total = centred_spectrum(torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)), normalize=False)
+    torch.testing.assert_close(eig, torch.tensor([2.5, 0.0], dtype=torch.float64))
+    assert total == 5.0
+    eig, total = centred_spectrum(torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64)), normalize=True)
+    torch.testing.assert_close(eig, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_metrics_match_a_direct_computation_on_a_random_spectrum():
+    eig = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    p = eig[:4] / eig.sum()
+    m = diversity_metrics(eig, total=20.0)
+    assert m["erank"] == pytest.approx(math.exp(-sum(float(x) * math.log(float(x)) for x in p)))
+    assert m["pr"] == pytest.approx(9.5**2 / (25 + 9 + 1 + 0.25))
+    assert m["top2"] == pytest.approx(8 / 9.5) and m["spread"] == pytest.approx(9.5 / 20)
+
+
+def test_gram_from_small_products_equals_frobenius_of_full_operators():
+    L, R = torch.randn(5, 12, 3, dtype=torch.float64), torch.randn(5, 12, 3, dtype=torch.float64)
+    M = L @ R.transpose(1, 2)  # (H, d, d)
+    torch.testing.assert_close(operator_gram(L, R), torch.einsum("aij,bij->ab", M, M))
+
+
+@pytest.mark.parametrize("attn", VARIANTS)
+def test_head_maps_reproduce_the_modules_projections(attn):
+    torch.manual_seed(0)
+    model = Transformer(tiny(attn, mla_q_rank=12 if attn == "mla" else 0)).double()
+    a = model.layers[0].attn
+    maps = head_maps(a)
+    x = torch.randn(1, 3, 64, dtype=torch.float64)
+    H, D = 4, 16
+    if attn == "lrkv":
+        q, k_s, v_s, z_k, z_v = a.project(x)
+        k = k_s[:, :, None] + torch.einsum("bthr,hrd->bthd", z_k, a.b_k)
+        v = v_s[:, :, None] + torch.einsum("bthr,hrd->bthd", z_v, a.b_v)
+        q = q.transpose(1, 2)
+    elif attn == "mla":
+        q = a.wq_b(a.q_norm(a.wq_a(x))).view(1, 3, H, -1)[..., :D]
+        c = a.wkv_a(x)[..., : a.kv_rank]
+        rms = c.pow(2).mean(-1, keepdim=True).add(a.kv_norm.eps).sqrt()  # per-token scalar the linear map leaves out
+        kv = a.wkv_b(a.kv_norm(c)).view(1, 3, H, 2 * D) * rms[..., None]
+        k, v = kv[..., :D], kv[..., D:]
+        q_rms = a.wq_a(x).pow(2).mean(-1, keepdim=True).add(a.q_norm.eps).sqrt()
+        q = q * q_rms[..., None]
+    else:
+        G = a.n_kv_head
+        q, k, v = a.qkv(x).split([H * D, G * D, G * D], dim=-1)
+        q = q.view(1, 3, H, D)
+        k, v = (t.view(1, 3, G, D).repeat_interleave(H // G, dim=2) for t in (k, v))
+    torch.testing.assert_close(torch.einsum("btd,hdm->bthm", x, maps.wq), q)
+    torch.testing.assert_close(torch.einsum("btd,hdm->bthm", x, maps.wk), k)
+    torch.testing.assert_close(torch.einsum("btd,hdm->bthm", x, maps.wv), v)
+    # W_O^h: the output projection of head h's value equals x M_h^OV, summed over heads
+    torch.testing.assert_close(a.proj(v.reshape(1, 3, H * D)), torch.einsum("bthm,hem->bte", v, maps.wo))
+
+
+def test_mqa_and_zero_b_lrkv_have_exactly_zero_key_only_diversity():
+    torch.manual_seed(0)
+    for cfg in (tiny("mqa"), tiny("lrkv", lrkv_b_init="zero")):
+        d = layer_diversity(Transformer(cfg).layers[0].attn)
+        assert all(v == 0.0 for v in d["qk_key_only"].values()), (cfg.attn, d["qk_key_only"])
+        assert d["qk"]["erank"] > 1.0 and d["qk_query_only"]["erank"] > 1.0
+    d = layer_diversity(Transformer(tiny("lrkv")).layers[0].attn)  # normal-init B: keys differ per head
+    assert d["qk_key_only"]["erank"] > 1.0
+    d = layer_diversity(Transformer(tiny("gqa")).layers[0].attn)  # 2 key groups: one centred dimension
+    assert d["qk_key_only"]["erank"] == pytest.approx(1.0) and d["qk_key_only"]["pr"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- perplexity
+
+
+def test_perplexity_and_bpb_match_a_hand_computation(tok, tmp_path):
+    docs = [TASKS["passkey"](random.Random(i), 12, 0.5).prompt + " héllo wörld" for i in range(6)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokens = source_tokens(tok, str(path), split="all")
+    torch.manual_seed(0)
+    model = Transformer(tiny("lrkv")).eval()
+    context, n = 32, 100
+    res = perplexity(model, tok, tokens, n, context, batch=2)
+    windows = n // context
+    nll, n_bytes = 0.0, 0
+    for w in range(windows):
+        ids = torch.tensor(tokens[w * context: w * context + context + 1].astype("int64"))
+        with torch.no_grad():
+            logits = model(ids[None, :-1])[0].double()
+        for t in range(context):
+            row = logits[t]
+            nll += float(torch.logsumexp(row, 0) - row[ids[t + 1]])
+            symbols = tok.id_to_token(int(ids[t + 1]))
+            n_bytes += 0 if symbols == "<|endoftext|>" else len(symbols)  # byte-level BPE: one symbol per byte
+    count = windows * context
+    assert res["tokens"] == count and res["bytes"] == n_bytes
+    assert res["loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert res["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert res["bpb"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- KV memory
+
+
+def spec_numbers_per_token_per_layer(m: ModelConfig) -> int:
+    """lrkv.md §3.1, written out independently of the model code."""
+    return {"mha": 2 * m.n_head * m.dh, "gqa": 2 * (m.n_kv_head or 0) * m.dh, "mqa": 2 * m.dh,
+            "mla": m.mla_kv_rank + m.mla_rope_dim, "lrkv": 2 * m.dh + m.n_head * (m.rank_k + m.rank_v)}[m.attn]
+
+
+@pytest.mark.parametrize("attn", VARIANTS)
+def test_kv_bytes_measured_from_cache_tensors_equal_the_formulas(attn):
+    m = tiny(attn, n_layer=3)
+    expected = 2 * m.n_layer * spec_numbers_per_token_per_layer(m)
+    assert measured_bytes_per_token(m) == formula_bytes_per_token(m) == expected
+
+
+def test_kv_bytes_of_every_shipped_config_and_debug_variant():
+    for name, m in named_configs():
+        assert measured_bytes_per_token(m) == formula_bytes_per_token(m) == 2 * m.n_layer * spec_numbers_per_token_per_layer(m), name
+
+
+# ---------------------------------------------------------------------------------------------------- LRQK harness
+
+
+@pytest.mark.parametrize("attn", ["mha", "lrkv"])
+def test_lrqk_agreement_is_exact_when_everything_is_resident_and_lossy_otherwise(attn):
+    torch.manual_seed(0)
+    model = Transformer(tiny(attn, max_seq_len=64)).eval()
+    windows = [torch.randint(1, 400, (40,)) for _ in range(2)]
+    full = agreement(model, windows, 32, LRQKConfig(rank=4, top_k=64, recent=4, sinks=0))
+    assert full["recall"] == 1.0 and full["mass"] == pytest.approx(1.0) and full["agree"] == 1.0
+    assert full["rel_err"] < 1e-5 and abs(full["kl"]) < 1e-6
+    sparse = agreement(model, windows, 32, LRQKConfig(rank=4, top_k=2, recent=2, sinks=0, scores="exact"))
+    assert sparse["recall"] == 1.0  # oracle selection: the exact top-k by construction
+    assert 0.0 < sparse["mass"] < 1.0 and sparse["rel_err"] > 1e-3
+
+
+def test_long_context_harness_lrqk_matches_full_when_nothing_is_dropped(tok):
+    torch.manual_seed(0)
+    model = Transformer(tiny("lrkv", max_seq_len=256)).eval()
+    rows = evaluate(model, tok, ["passkey"], [200], 2, ["full", "lrqk"],
+                    {"rank": 4, "top_k": 256, "recent": 4, "sinks": 0}, [0.5])
+    assert [r["cache"] for r in rows] == ["full", "lrqk"]
+    assert rows[1]["same as full %"] == 100.0 and 0.0 <= rows[0]["score"] <= 100.0
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+
+
+def test_steps_to_reach_and_savings_hand_cases():
+    base = [(10, 3.0), (20, 2.0), (30, 1.5)]
+    faster = [(10, 2.5), (20, 1.7), (30, 1.2)]  # reaches 1.5 between steps 20 and 30: 20 + 10 * 0.2/0.5 = 24
+    assert steps_to_reach(faster, 1.5) == pytest.approx(24.0)
+    assert steps_to_reach(base, 1.5) == 30.0 and steps_to_reach(faster, 0.5) is None
+    s = savings(base, 100.0, faster, 50.0)
+    assert s["step saving %"] == pytest.approx(100 * (1 - 24 / 30))
+    assert s["FLOP saving %"] == pytest.approx(100 * (1 - 24 * 50 / (30 * 100)))
+    assert savings(base, 1.0, [(30, 9.0)], 1.0)["s*"] == "not reached"
+    assert smooth([4.0, 2.0, 6.0], 2) == [4.0, 3.0, 4.0]
+
+
+def test_val_curve_reads_lightning_csv(tmp_path):
+    d = tmp_path / "csv" / "version_1"
+    d.mkdir(parents=True)
+    (tmp_path / "csv" / "version_0").mkdir()
+    (tmp_path / "csv" / "version_0" / "metrics.csv").write_text("step,val/loss\n9,9.0\n")
+    (d / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,9,5.0,\n0,9,,4.5\n0,19,4.0,\n0,19,,3.5\n")
+    assert val_curve(tmp_path) == [(10, 4.5), (20, 3.5)]
