@@ -149,12 +149,17 @@ def plot_lm(rows: list[dict], data: dict, out: Path) -> None:
     a.set_xlabel("cumulative training FLOPs")
     a.set_ylabel("validation loss (smoothed)")
     a.legend()
-    for r in rows:
-        b.scatter(r["KV B/token"], r["final val loss"])
-        b.annotate(r["variant"], (r["KV B/token"], r["final val loss"]))
-    b.set_xlabel("KV cache bytes per token (bf16, all layers)")
-    b.set_ylabel("final validation loss")
+    scatter_variants(b, rows, "final val loss", "final validation loss")
     save_figure(fig, out)
+
+
+def scatter_variants(ax, rows: list[dict], y: str, ylabel: str) -> None:
+    """One labelled point per variant: KV bytes per token against the column `y`."""
+    for r in rows:
+        ax.scatter(r["KV B/token"], r[y])
+        ax.annotate(r["variant"], (r["KV B/token"], r[y]))
+    ax.set_xlabel("KV cache bytes per token (bf16, all layers)")
+    ax.set_ylabel(ylabel)
 
 
 # ---------------------------------------------------------------------------------------------------- MQAR
@@ -191,11 +196,7 @@ def mqar_accuracy(export: Path, n_items: int, max_pairs: int, queries: int, seed
 
 def plot_mqar(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in rows:
-        ax.scatter(r["KV B/token"], r["MQAR acc %"])
-        ax.annotate(r["variant"], (r["KV B/token"], r["MQAR acc %"]))
-    ax.set_xlabel("KV cache bytes per token (bf16, all layers)")
-    ax.set_ylabel("MQAR exact-match accuracy (%)")
+    scatter_variants(ax, rows, "MQAR acc %", "MQAR exact-match accuracy (%)")
     save_figure(fig, out)
 
 
