@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from lrkv.config import ModelConfig
 from lrkv.inference.cache import STAT_KEYS, HostToDevice, RowStore, SlotPool, new_stats
-from lrkv.kernels.reference import causal_attention, rope
+from lrkv.kernels.reference import causal_attention, lrkv_keys, lrkv_values, rope
 from lrkv.model import GroupedQueryAttention, LRKVAttention, Transformer
 
 PRESETS = {"paper": (32, 2048, 64), "memory": (16, 1024, 32), "accuracy": (64, 4096, 128)}  # rank, top_k, recent
@@ -307,10 +307,10 @@ class LRQKLayer:
         n = rows.shape[1]
         cos, sin = mod.rope(positions.flatten(), D)
         cos, sin = cos.view(B, 1, n, -1), sin.view(B, 1, n, -1)
-        k = rope(k_s[:, None] + torch.einsum("bnhr,hrd->bhnd", z_k.view(B, n, H, rk), mod.b_k), cos, sin)
+        k = lrkv_keys(k_s, z_k.view(B, n, H, rk).transpose(1, 2), mod.b_k, cos, sin)
         if not values:
             return k, None
-        return k, v_s[:, None] + torch.einsum("bnhr,hrd->bhnd", z_v.view(B, n, H, rv), mod.b_v)
+        return k, lrkv_values(v_s, z_v.view(B, n, H, rv).transpose(1, 2), mod.b_v)
 
     def proxy_view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, ...) per-head tensor -> (proxies, heads per proxy, ...)."""

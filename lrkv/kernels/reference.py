@@ -75,11 +75,20 @@ def check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin) -> None:
         raise ValueError(f"lrkv_attention: expected floating-point inputs, got {q.dtype}")
 
 
+def lrkv_keys(k_s, z_k, b_k, cos, sin) -> torch.Tensor:
+    """Per-head keys rope(k_s + z_k[:, h] @ b_k[h]): k_s (B, T, D), z_k (B, H, T, r) -> (B, H, T, D);
+    cos, sin broadcast against (B, H, T, D/2), e.g. (T, D/2) or (B, 1, T, D/2) for per-row positions."""
+    return rope(k_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_k, b_k), cos, sin)
+
+
+def lrkv_values(v_s, z_v, b_v) -> torch.Tensor:
+    """Per-head values v_s + z_v[:, h] @ b_v[h]: v_s (B, T, D), z_v (B, H, T, r) -> (B, H, T, D)."""
+    return v_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_v, b_v)
+
+
 def lrkv_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal: bool = True, scale: float | None = None,
                    key_valid: torch.Tensor | None = None):
     """Reference LRKV attention; materialises per-head K/V, then SDPA. Shapes: see module docstring / spec §10.
     key_valid (B, Tk) bool, an extension beyond the §10 contract, masks padding keys (see causal_attention)."""
     check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin)
-    k = rope(k_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_k, b_k), cos, sin)
-    v = v_s.unsqueeze(1) + torch.einsum("bhtr,hrd->bhtd", z_v, b_v)
-    return causal_attention(q, k, v, causal, scale, key_valid)
+    return causal_attention(q, lrkv_keys(k_s, z_k, b_k, cos, sin), lrkv_values(v_s, z_v, b_v), causal, scale, key_valid)
