@@ -10,7 +10,8 @@ matplotlib.use("Agg")  # files only; no display on CPU boxes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from lrkv.export import TOKENIZER_NAME  # noqa: E402
+from lrkv.export import load_model_config  # noqa: E402
+from lrkv.inference.generate import load_tokenizer_file  # noqa: E402
 
 # CLI overrides that turn configs/lrkv_debug.yaml (4 heads, head_dim 32) into each baseline. GQA-2 matches LRKV's
 # 50% cache; MLA keeps the framework defaults (d_c 64 + d_R 16 = 80 numbers, 31% of MHA).
@@ -24,10 +25,8 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def export_tokenizer(export_dir: str | Path) -> Tokenizer:
-    path = Path(export_dir) / TOKENIZER_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{export_dir}: no {TOKENIZER_NAME}; export the model with its tokenizer")
-    return Tokenizer.from_file(str(path))
+    """The export's tokenizer.json, checked against its config's vocabulary (the loader generation uses)."""
+    return load_tokenizer_file(export_dir, load_model_config(export_dir).vocab_size)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
