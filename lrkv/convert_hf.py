@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 
 from lrkv.config import ConfigError, ModelConfig, model_config_from_dict
-from lrkv.export import ExportError, check_state_dict, model_state_dict, save_export
+from lrkv.export import ExportError, check_replaceable, check_state_dict, model_state_dict, save_export
 from lrkv.model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -196,13 +196,6 @@ def convert_state_dict(src: Path, cfg: ModelConfig, dtype: torch.dtype | None = 
     return out
 
 
-def _is_export(folder: Path) -> bool:
-    try:
-        return "lrkv_format" in json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> ModelConfig:
     """Convert the HF folder SRC into the lrkv export folder OUT; returns the model config written."""
     src = Path(src)
@@ -213,9 +206,10 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
         cfg = hf_model_config(json.loads(config_path.read_text()))
     except ConvertError as e:
         raise ConvertError(f"{src}/{e}") from e
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not _is_export(out):  # e.g. OUT given as SRC by mistake
-        raise ConvertError(f"{out}: exists and is not an lrkv export folder; it would be replaced, choose another")
+    try:
+        check_replaceable(out)  # before converting: e.g. OUT given as SRC by mistake
+    except ExportError as e:
+        raise ConvertError(str(e)) from e
     state = convert_state_dict(src, cfg, dtype)
     tokenizer = src / "tokenizer.json"
     # generation_config.json: eos ids for generate; the source's tokenizer_config.json keeps its chat template

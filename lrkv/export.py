@@ -54,12 +54,28 @@ def config_json(cfg: ModelConfig) -> dict:
     return {"model_type": "lrkv", "architectures": ["LRKVForCausalLM"], "lrkv_format": 1, **dataclasses.asdict(cfg)}
 
 
+def check_replaceable(out_dir: str | Path) -> None:
+    """Refuse an output folder that holds something other than an lrkv export (a source checkpoint given as OUT by
+    mistake, say): writing an export replaces the whole folder."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    try:
+        is_export = "lrkv_format" in json.loads((out_dir / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        is_export = False
+    if not is_export:
+        raise ExportError(f"{out_dir}: exists and is not an export folder (not an lrkv export folder: no config.json "
+                          f"with lrkv_format); it would be replaced, choose another")
+
+
 def save_export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
                 tokenizer_file: str | Path | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write an export folder atomically (replacing an older export at out_dir only once the new one is complete)."""
     from lrkv.hf import AUTO_MAP, REMOTE_CODE, tokenizer_config  # imports transformers, only when exporting
 
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     files = dict(REMOTE_CODE)
@@ -189,9 +205,7 @@ def _find_tokenizer(ckpt: Path) -> Path:
 
 def export_checkpoint(src: str | Path, out_dir: str | Path, tokenizer_file: str | Path | None = None) -> Path:
     """Write an export folder from a training checkpoint, refusing one whose tensors do not match its config."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file():
-        raise ExportError(f"{out_dir}: exists and is not an export folder; it would be replaced, choose another")
+    check_replaceable(out_dir)  # before reading (and consolidating) the checkpoint
     ckpt = resolve_checkpoint(src)
     tokenizer_file = Path(tokenizer_file) if tokenizer_file is not None else _find_tokenizer(ckpt)
     state, meta = read_checkpoint(ckpt)

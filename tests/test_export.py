@@ -15,8 +15,9 @@ from tokenizers import Tokenizer, models
 from torch.utils.data import DataLoader
 
 from lrkv.config import load_config
-from lrkv.export import ExportError, export_checkpoint, load_export, main
+from lrkv.export import ExportError, export_checkpoint, load_export, main, model_state_dict, save_export
 from lrkv.lit import LitLM
+from lrkv.model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model.vocab_size=96", "--model.n_layer=2", "--model.d_model=64", "--model.n_head=2", "--model.head_dim=32",
@@ -111,3 +112,22 @@ def test_bad_paths_are_refused(trained, tmp_path):
     shutil.copy(run / "checkpoints" / "last.ckpt", ckpt_only)
     with pytest.raises(ExportError, match="no tokenizer.json .* pass --tokenizer"):
         export_checkpoint(ckpt_only, tmp_path / "export")
+
+
+@pytest.mark.parametrize("foreign", [{"notes.txt": "keep me"}, {"config.json": '{"model_type": "llama"}'}])
+def test_save_export_never_replaces_a_foreign_folder(tmp_path, foreign):
+    """A folder holding anything but an lrkv export (a Hugging Face model folder has a config.json too) is refused
+    and left as it was; an older lrkv export in the same place is replaced."""
+    cfg = load_config("lrkv_debug.yaml", ["--model.n_layer=1", "--model.vocab_size=300"]).model
+    weights = model_state_dict(Transformer(cfg))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in foreign.items():
+        (out / name).write_text(text)
+    with pytest.raises(ExportError, match="not an lrkv export folder"):
+        save_export(weights, cfg, out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == foreign
+    shutil.rmtree(out)
+    save_export(weights, cfg, out)
+    save_export(weights, cfg, out)  # replacing an export is allowed
+    assert load_export(out).cfg == cfg
