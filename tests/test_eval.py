@@ -9,14 +9,14 @@ from collections import Counter
 import pytest
 import torch
 
-from eval.compare import savings, smooth, steps_to_reach, val_curve
+from eval.compare import MQARTask, mqar_accuracy, savings, smooth, steps_to_reach, train_mqar, val_curve
 from eval.head_diversity import centred_spectrum, diversity_metrics, head_maps, layer_diversity, operator_gram
 from eval.kv_memory import formula_bytes_per_token, measured_bytes_per_token, named_configs
 from eval.long_context import TASKS, Item, evaluate, make_item, prompt_tokens, ruler_score, string_match_all
 from eval.lrqk_agreement import agreement
 from eval.perplexity import perplexity, source_tokens
 from lrkv.config import ModelConfig, validate_model
-from lrkv.inference.lrqk import LRQKConfig
+from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
 from lrkv.model import Transformer
 from lrkv.tokenizer import train_tokenizer
 
@@ -325,3 +325,62 @@ def test_val_curve_reads_lightning_csv(tmp_path):
     (tmp_path / "csv" / "version_0" / "metrics.csv").write_text("step,val/loss\n9,9.0\n")
     (d / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,9,5.0,\n0,9,,4.5\n0,19,4.0,\n0,19,,3.5\n")
     assert val_curve(tmp_path) == [(10, 4.5), (20, 3.5)]
+
+
+def decode_mqar(task: MQARTask, x: torch.Tensor) -> tuple[list[dict[int, int]], list[list[int]]]:
+    """Per sequence: {key: value} read back from the pair ids, and the queried keys (an independent decoding)."""
+    query_base = 1 + task.keys * task.values
+    tables = [{(t - 1) // task.values: (t - 1) % task.values for t in row[:task.pairs].tolist()} for row in x]
+    asked = [[t - query_base for t in row[task.pairs:].tolist()] for row in x]
+    return tables, asked
+
+
+def test_mqar_answers_recoverable_from_the_pairs():
+    task = MQARTask(keys=10, values=5, pairs=6, queries=4)
+    x, targets = task.batch(torch.Generator().manual_seed(0), 50)
+    assert x.shape == targets.shape == (50, 10) and int(x.max()) < task.vocab_needed
+    tables, asked = decode_mqar(task, x)
+    answer_base = 1 + task.keys * task.values + task.keys
+    for table, keys, row in zip(tables, asked, targets):
+        assert len(table) == task.pairs and len(set(keys)) == task.queries  # distinct keys, distinct queries
+        assert (row[:task.pairs] == -100).all()
+        assert [t - answer_base for t in row[task.pairs:].tolist()] == [table[k] for k in keys]
+    with pytest.raises(ValueError, match="needs 1107 token ids; the model has 1000"):
+        MQARTask(keys=40, values=26).check(1000)  # 1 + 40*26 pairs + 40 queries + 26 answers
+    with pytest.raises(ValueError, match="queries <= pairs <= keys"):
+        MQARTask(keys=8, pairs=16).check(2048)
+
+
+def test_mqar_accuracy_on_hand_made_models():
+    task = MQARTask(keys=10, values=5, pairs=6, queries=4)
+    vocab = task.vocab_needed
+    answer_base = vocab - task.values
+
+    def oracle(x):  # looks the value up the way the task defines it
+        tables, asked = decode_mqar(task, x)
+        logits = torch.zeros(*x.shape, vocab)
+        for b, (table, keys) in enumerate(zip(tables, asked)):
+            for i, k in enumerate(keys):
+                logits[b, task.pairs + i, answer_base + table[k]] = 1.0
+        return logits
+
+    def always_value_0(x):
+        logits = torch.zeros(*x.shape, vocab)
+        logits[..., answer_base] = 1.0
+        return logits
+
+    assert mqar_accuracy(oracle, task, 64, seed=3) == 1.0
+    _, targets = task.batch(torch.Generator().manual_seed(3), 64)
+    share_of_0 = (targets[:, task.pairs:] == answer_base).float().mean().item()
+    assert mqar_accuracy(always_value_0, task, 64, seed=3) == pytest.approx(share_of_0)
+
+
+def test_train_mqar_learns_recall_and_lrqk_keeping_every_key_answers_the_same():
+    """A small task the debug model solves in 150 steps: fails if targets or training were misaligned."""
+    task = MQARTask(keys=8, values=8, pairs=4, queries=2)
+    model, curve = train_mqar("lrkv", task, steps=150, seed=0, eval_every=50, n_eval=128)
+    assert [s for s, _ in curve] == [50, 100, 150]
+    assert curve[-1][1] > 0.9  # chance is 1/8 for a value, 1/4 for guessing among the pairs present
+    assert mqar_accuracy(model, task, 128, seed=10_000) == curve[-1][1]
+    keep_all = LRQKConfig(rank=4, top_k=8, recent=1, sparse_query_tail=task.queries)  # 8 >= the 5 earlier tokens
+    assert mqar_accuracy(LRQKDecoder(model, keep_all).prefill, task, 128, seed=10_000) == curve[-1][1]
