@@ -172,13 +172,12 @@ def gen_fwe(rng: random.Random, n: int, depth: float, alpha: float = 2.0) -> Ite
     return Item("fwe", intro + " ".join(text), question, coded[:3])
 
 
-def gen_mqar(rng: random.Random, n: int, depth: float, num_queries: int = 4, key_len: int = 3,
-             value_digits: int = 3) -> Item:
-    """n 'key=value' pairs (random lowercase keys, random values), then num_queries queries answered in order; the
+def gen_mqar(rng: random.Random, n: int, depth: float, num_queries: int = 4) -> Item:
+    """n 'key=value' pairs (random three-letter keys, three-digit values), then num_queries queries answered in order; the
     last one, whose pair sits at `depth`, is left open. Earlier queries come answered, as in MQAR's multi-query form."""
     n = max(n, num_queries)
-    keys = distinct_strings(rng, n, lambda: "".join(rng.choices(string.ascii_lowercase, k=key_len)))
-    values = [str(rng.randint(10 ** (value_digits - 1), 10**value_digits - 1)) for _ in keys]
+    keys = distinct_strings(rng, n, lambda: "".join(rng.choices(string.ascii_lowercase, k=3)))
+    values = [str(rng.randint(100, 999)) for _ in keys]
     target = round(depth * (n - 1))
     others = rng.sample([i for i in range(n) if i != target], num_queries - 1)
     pairs = " ".join(f"{k}={v}" for k, v in zip(keys, values))
