@@ -8,7 +8,8 @@
 
 Loading needs neither Lightning nor DeepSpeed. The loader refuses a folder whose tensors do not match its
 config and names the first mismatch. Writes go to a temporary sibling folder renamed into place, so an
-interrupted export never leaves a half-written folder under the final name.
+interrupted export never leaves a half-written folder under the final name; re-exporting into an older export
+moves the new files over the old ones (config.json last) and leaves every other file there (the user's) alone.
 
 From a training checkpoint (a Lightning .ckpt file, a DeepSpeed ZeRO checkpoint folder consolidated with
 DeepSpeed's zero_to_fp32, or a run folder, meaning its checkpoints/last.ckpt):
@@ -32,10 +33,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lrkv.atomic import DiskFullError, disk_full_message, is_disk_full
 from lrkv.config import ConfigError, ModelConfig, model_config_from_dict
 from lrkv.model import Transformer
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
+# every file an export may write (save_export's own plus convert_hf's extra files): re-exporting replaces these only
+EXPORT_FILES = {CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME, "tokenizer_config.json", "generation_config.json",
+                "configuration_lrkv.py", "modeling_lrkv.py"}
 _HF_KEYS = ("model_type", "architectures", "auto_map", "torch_dtype", "transformers_version", "lrkv_format")
 
 
@@ -56,7 +61,7 @@ def config_json(cfg: ModelConfig) -> dict:
 
 def check_replaceable(out_dir: str | Path) -> None:
     """Refuse an output folder that holds something other than an lrkv export (a source checkpoint given as OUT by
-    mistake, say): writing an export replaces the whole folder."""
+    mistake, say): writing an export replaces its config.json and model files."""
     out_dir = Path(out_dir)
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
@@ -71,7 +76,7 @@ def check_replaceable(out_dir: str | Path) -> None:
 
 def save_export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
                 tokenizer_file: str | Path | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write an export folder atomically (replacing an older export at out_dir only once the new one is complete)."""
+    """Write an export folder (over an older export at out_dir only once the new one is complete)."""
     from lrkv.hf import AUTO_MAP, REMOTE_CODE, tokenizer_config  # imports transformers, only when exporting
 
     out_dir = Path(out_dir)
@@ -92,17 +97,28 @@ def save_export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: 
         for name, text in {**files, **(extra_files or {})}.items():
             (tmp / name).write_text(text)
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_export_files(tmp, out_dir)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            need = sum(t.numel() * t.element_size() for t in state_dict.values())
+            raise DiskFullError(disk_full_message(out_dir, need)) from None
         raise
     return out_dir
+
+
+def _replace_export_files(new: Path, out_dir: Path) -> None:
+    """Move the new export's files over the old export's, one rename each, config.json (what loaders read
+    first) last. Anything else in out_dir (the user's notes, results/) stays as it is; old export files that
+    this export does not write (a tokenizer.json when none is given now) are removed so they cannot mislead."""
+    written = {p.name for p in new.iterdir()}
+    for name in sorted(EXPORT_FILES - written):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in sorted(written - {CONFIG_NAME}) + [CONFIG_NAME]:
+        os.replace(new / name, out_dir / name)
+    new.rmdir()
 
 
 def load_model_config(export_dir: str | Path) -> ModelConfig:
@@ -230,12 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lrkv.export", description="Write an export folder (config.json,"
                                      " model.safetensors, tokenizer.json) from a training checkpoint.")
     parser.add_argument("src", help="a Lightning .ckpt file, a DeepSpeed checkpoint folder, or a run folder")
-    parser.add_argument("out", help="export folder to write (replaced if it holds an older export)")
+    parser.add_argument("out", help="export folder to write (an older export's files there are replaced, other files kept)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.src, args.out, args.tokenizer)
-    except ExportError as e:
+    except (ExportError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"exported {resolve_checkpoint(args.src)} -> {out}")
