@@ -168,15 +168,20 @@ class GroupedQueryAttention(Attention):
         q = rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
         k = rope(k.view(B, T, G, D).transpose(1, 2), cos, sin)
         v = v.view(B, T, G, D).transpose(1, 2)
-        if hasattr(cache, "attend"):  # LRQK decoder (lrkv/inference/lrqk.py) stores K/V and attends itself
+        if hasattr(cache, "attend"):  # LRQK decoder (lrkv/inference/lrqk/) stores K/V and attends itself
             return self.proj(cache.attend(self, q, (k, v), key_valid))
         if cache is not None:
-            full = cache.append(k=k.transpose(1, 2), v=v.transpose(1, 2))
+            full = cache.append(**self.cache_entries((k, v)))
             k, v = full["k"].transpose(1, 2), full["v"].transpose(1, 2)
         if G != H:
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
         y = causal_attention(q, k, v, key_valid=key_valid)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    @staticmethod
+    def cache_entries(kv):
+        """What a KVCache holds for (k, v) (B, G, T, D): the rotated keys and the values, laid out (B, T, G, D)."""
+        return {"k": kv[0].transpose(1, 2), "v": kv[1].transpose(1, 2)}
 
 
 class LRKVAttention(Attention):
@@ -210,15 +215,20 @@ class LRKVAttention(Attention):
         q, k_s, v_s, z_k, z_v = self.qkv(x).split([H * D, D, D, H * rk, H * rv], dim=-1)
         return q.view(B, T, H, D).transpose(1, 2), k_s, v_s, z_k.view(B, T, H, rk), z_v.view(B, T, H, rv)
 
+    @staticmethod
+    def cache_entries(kv):
+        """What a KVCache holds: the pre-RoPE shared k_s, v_s (B, T, D) and the latents z_k, z_v (B, T, H, r)."""
+        return dict(zip(("k_s", "v_s", "z_k", "z_v"), kv))
+
     def forward(self, x, positions, cache: KVCache | None = None, key_valid: torch.Tensor | None = None):
         B, T, _ = x.shape
         q, k_s, v_s, z_k, z_v = self.project(x)
         cos, sin = self.rope(positions, self.head_dim)
         q = rope(q, cos, sin)
-        if hasattr(cache, "attend"):  # LRQK decoder (lrkv/inference/lrqk.py) stores the payload and attends itself
+        if hasattr(cache, "attend"):  # LRQK decoder (lrkv/inference/lrqk/) stores the payload and attends itself
             return self.proj(cache.attend(self, q, (k_s, v_s, z_k, z_v), key_valid))
         if cache is not None:
-            full = cache.append(k_s=k_s, v_s=v_s, z_k=z_k, z_v=z_v)
+            full = cache.append(**self.cache_entries((k_s, v_s, z_k, z_v)))
             k_s, v_s, z_k, z_v = full["k_s"], full["v_s"], full["z_k"], full["z_v"]
             cos, sin = self.rope(torch.arange(cache.length, device=x.device), self.head_dim)
         # under autocast the projections come out in bf16 while B stays an fp32 parameter: cast it like a matmul input

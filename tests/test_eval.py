@@ -289,7 +289,7 @@ def test_lrqk_agreement_is_exact_when_everything_is_resident_and_lossy_otherwise
     full = agreement(model, windows, 32, LRQKConfig(rank=4, top_k=64, recent=4, sinks=0))
     assert full["recall"] == 1.0 and full["mass"] == pytest.approx(1.0) and full["agree"] == 1.0
     assert full["rel_err"] < 1e-5 and abs(full["kl"]) < 1e-6
-    sparse = agreement(model, windows, 32, LRQKConfig(rank=4, top_k=2, recent=2, sinks=0, scores="exact"))
+    sparse = agreement(model, windows, 32, LRQKConfig(rank=4, top_k=2, recent=2, sinks=0, policy="exact"))
     assert sparse["recall"] == 1.0  # oracle selection: the exact top-k by construction
     assert 0.0 < sparse["mass"] < 1.0 and sparse["rel_err"] > 1e-3
 

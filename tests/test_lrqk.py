@@ -158,7 +158,7 @@ def scratch_sparse_generate(model, idx, steps, top_k, recent, sinks, per_layer_s
 def test_oracle_selection_equals_scratch_exact_top_k(attn):
     model = build(attn)
     idx = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(3))
-    cfg = LRQKConfig(rank=4, top_k=6, recent=5, sinks=2, scores="exact")
+    cfg = LRQKConfig(rank=4, top_k=6, recent=5, sinks=2, policy="exact")
     with torch.no_grad():
         ours = greedy(LRQKDecoder(model, cfg), idx, None, 10)
         ref = scratch_sparse_generate(model, idx, 10, 6, 5, 2, per_layer_selection=attn == "lrkv")
@@ -339,11 +339,11 @@ def test_memory_plan_in_bf16_halves_the_growing_proxy():
     assert dec.allocated_bytes() == (plan.cpu_bytes, plan.gpu_bytes)
     fp32 = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx, dtype=torch.float32)
     # A_K (layers x proxies x ctx x r) is stored in the model dtype; B_Q, B_K stay fp32
-    assert fp32.detail["proxy"] - plan.detail["proxy"] == 2 * B * ctx * 4 * 2
+    assert fp32.detail["policy"] - plan.detail["policy"] == 2 * B * ctx * 4 * 2
 
 
 def test_memory_plan_refused_when_it_does_not_fit(monkeypatch):
-    monkeypatch.setattr(lrqk, "free_host_bytes", lambda: 1000)
+    monkeypatch.setattr(lrqk.plan, "free_host_bytes", lambda: 1000)
     dec = LRQKDecoder(build("lrkv"), LRQKConfig(rank=4))
     with pytest.raises(MemoryPlanError, match=r"needs \d+ bytes of host memory, only 1000 are free"):
         dec.prefill(torch.ones(1, 8, dtype=torch.long))
@@ -357,3 +357,152 @@ def test_prefill_logits_to_keep_with_sparse_tail():
     for keep in (1, 2, 5):
         torch.testing.assert_close(LRQKDecoder(model, cfg).prefill(idx, logits_to_keep=keep), all_logits[:, -keep:],
                                    rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ 6. selection policies
+
+
+POLICY_NAMES = ["lrqk", "exact", "streaming", "h2o", "quest", "loki"]
+
+
+@pytest.mark.parametrize("attn", ["lrkv", "gqa"])
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_every_policy_is_exact_when_the_budget_covers_the_context(attn, policy):
+    model = build(attn)
+    idx, valid = padded_batch([21, 13])
+    full = greedy(FullDecoder(model), idx, valid, 12)
+    sparse = greedy(LRQKDecoder(model, LRQKConfig(rank=4, top_k=40, recent=8, sinks=1, policy=policy)), idx, valid, 12)
+    torch.testing.assert_close(sparse, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["lrkv", "gqa"])
+def test_forks_of_one_prefill_equal_fresh_decoders(attn):
+    model = build(attn)
+    idx = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+    base = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, policy="streaming"))
+    with torch.no_grad():
+        base.prefill(idx, keep_prompt=True)
+        tok = idx[:, -1:]
+        for policy in POLICY_NAMES:
+            cfg = LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy=policy)
+            fresh = LRQKDecoder(model, cfg)
+            fresh.prefill(idx)
+            fork = base.fork(cfg)
+            for _ in range(6):
+                a, b = fork.step(tok), fresh.step(tok)
+                assert torch.equal(a, b), policy
+            assert fork.stats == fresh.stats
+        full, fresh = base.full_decoder(), FullDecoder(model)
+        fresh.prefill(idx)
+        assert torch.equal(full.step(tok), fresh.step(tok))
+    with pytest.raises(RuntimeError, match="keep_prompt"):
+        fresh_lrqk = LRQKDecoder(model, LRQKConfig(rank=4))
+        fresh_lrqk.prefill(idx)
+        fresh_lrqk.fork(LRQKConfig(rank=4))
+
+
+def attended_tokens(layer) -> list[set[int]]:
+    """Per pool stream: the token ids of the slots the last attention used."""
+    return [set(t[a].tolist()) for t, a in zip(layer.pool.token, layer.active)]
+
+
+def test_streaming_attends_sinks_and_the_newest_tokens():
+    model = build("gqa")
+    idx = torch.randint(1, 97, (1, 50), generator=torch.Generator().manual_seed(1))
+    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=7, recent=5, sinks=2, policy="streaming"))
+    with torch.no_grad():
+        tok = dec.prefill(idx)[:, -1:].argmax(-1)
+        for _ in range(8):
+            tok = dec.step(tok).argmax(-1)
+            L = dec.length
+            want = set(range(2)) | set(range(L - 12, L))
+            for layer in dec.state.layers:
+                assert all(s == want for s in attended_tokens(layer))
+    assert dec.stats["misses"] == 0  # the newest candidate was in the recent window a step earlier
+
+
+def test_loki_at_full_rank_selects_what_the_oracle_selects():
+    model = build("gqa")
+    idx = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(2))
+    picks = {}
+    for policy, rank in (("exact", 4), ("loki", 16)):  # rank = head_dim: the PCA basis is a rotation
+        dec = LRQKDecoder(model, LRQKConfig(rank=rank, top_k=5, recent=4, sinks=1, policy=policy))
+        with torch.no_grad():
+            tok = dec.prefill(idx)[:, -1:].argmax(-1)
+            picks[policy] = []
+            for _ in range(6):
+                tok = dec.step(tok).argmax(-1)
+                picks[policy].append([layer.selected.sort(1).values for layer in dec.state.layers])
+    for a, b in zip(picks["exact"], picks["loki"]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    low = LRQKDecoder(model, LRQKConfig(rank=2, top_k=5, recent=4, sinks=1, policy="loki"))
+    with torch.no_grad():
+        low.prefill(idx)
+        low.step(idx[:, -1:])
+    assert not all(torch.equal(layer.selected.sort(1).values, exact) for layer, exact in
+                   zip(low.state.layers, picks["exact"][0]))  # rank 2 of 16 does approximate
+
+
+def test_quest_page_bounds_and_page_ranked_selection():
+    model = build("gqa")
+    idx = torch.randint(1, 97, (1, 70), generator=torch.Generator().manual_seed(4))
+    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=16, recent=4, sinks=0, policy="quest"))
+    with torch.no_grad():
+        dec.prefill(idx)
+        dec.step(idx[:, -1:])
+        block = model.layers[0]
+        tokens = torch.cat((idx, idx[:, -1:]), 1)
+        q, k, _ = scratch_qkv(block.attn, block.attn_norm(model.embed(tokens)), torch.arange(71))
+    pol, layer = dec.state.layers[0].policy, dec.state.layers[0]
+    for p in range(5):  # 71 tokens: the last page is partial
+        keys = k[0, :, 16 * p: 16 * p + 16]  # (H, n, D)
+        torch.testing.assert_close(pol.k_min[:, 0, p], keys.amin(1))
+        torch.testing.assert_close(pol.k_max[:, 0, p], keys.amax(1))
+        bound = torch.maximum(q[0, :, -1:] * keys.amax(1, keepdim=True), q[0, :, -1:] * keys.amin(1, keepdim=True))
+        exact = (q[0, :, -1:] @ keys.mT)[:, 0]  # (H, n)
+        assert (bound.sum(-1)[:, 0] >= exact.amax(-1) - 1e-5).all()  # an upper bound of q.k within the page
+    scores = pol._scores(q[:, :, -1], 71)[:, 0]  # (H, 71): each token carries its page's bound
+    for h in range(4):
+        chosen = set(layer.selected[h][layer.selected_ok[h]].tolist())
+        cand = set(range(0, 71 - 4))
+        rest = cand - chosen
+        assert len(chosen) == 16
+        assert min(scores[h, j] for j in chosen) >= max(scores[h, j] for j in rest)
+
+
+def test_h2o_accumulates_prompt_attention_and_never_brings_back_an_evicted_token():
+    model = build("gqa")
+    idx = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(6))
+    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy="h2o"))
+    with torch.no_grad():
+        tok = dec.prefill(idx)[:, -1:].argmax(-1)
+        block = model.layers[0]
+        q, k, _ = scratch_qkv(block.attn, block.attn_norm(model.embed(idx)), torch.arange(30))
+        p = ((q @ k.mT) / 4).masked_fill(~torch.ones(30, 30, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        seeded = dec.state.layers[0].policy.acc[:, :30].clone()
+        dropped = [set() for _ in range(4)]
+        for _ in range(10):
+            tok = dec.step(tok).argmax(-1)
+            layer = dec.state.layers[0]
+            for h, seen in enumerate(attended_tokens(layer)):
+                assert not seen & dropped[h]
+                L = dec.length
+                dropped[h] |= set(range(1, L - 4)) - seen
+    torch.testing.assert_close(seeded, p[0].sum(1), atol=1e-5, rtol=1e-5)  # column sums per query head
+    assert all(len(d) > 0 for d in dropped)
+
+
+@pytest.mark.parametrize("attn", ["lrkv", "gqa"])
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_memory_plan_matches_allocation_for_every_policy(attn, policy):
+    model = build(attn)
+    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sinks=1, policy=policy)
+    B, ctx = 2, 64
+    plan = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx)
+    dec = LRQKDecoder(model, cfg, max_context=ctx)
+    greedy(dec, *padded_batch([30, 20]), 3)
+    host, device = dec.allocated_bytes()
+    assert host == plan.cpu_bytes
+    if policy != "exact":  # the oracle's "state" is every key, which it reads from the store instead
+        assert device == plan.gpu_bytes
