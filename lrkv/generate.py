@@ -13,9 +13,9 @@ import sys
 import torch
 
 from lrkv.inference.generate import CACHE_MODES, DTYPES, Generator, Sampling
-from lrkv.inference.lrqk import PRESETS, LRQKConfig, MemoryPlanError, check_fits
+from lrkv.inference.lrqk import POLICIES, PRESETS, LRQKConfig, MemoryPlanError, check_fits
 
-LRQK_FLAGS = ("rank", "top_k", "recent", "sinks", "lrqk_preset", "sparse_query_tail")
+LRQK_FLAGS = ("rank", "top_k", "recent", "sinks", "policy", "lrqk_preset", "sparse_query_tail")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lrqk.add_argument("--top-k", type=int, help=f"selected tokens per step (default {LRQKConfig.top_k})")
     lrqk.add_argument("--recent", type=int, help=f"recent window W, always attended (default {LRQKConfig.recent})")
     lrqk.add_argument("--sinks", type=int, help="first tokens always attended (default 0)")
+    lrqk.add_argument("--policy", choices=POLICIES, help="which tokens fill top-k: LRQK's proxy (default) or a peer")
     lrqk.add_argument("--sparse-query-tail", type=int, help="feed the last N prompt tokens through sparse decode")
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -58,7 +59,7 @@ def lrqk_config(args: argparse.Namespace) -> LRQKConfig:
     cfg = LRQKConfig()
     if args.lrqk_preset:
         cfg.rank, cfg.top_k, cfg.recent = PRESETS[args.lrqk_preset]
-    for name in ("rank", "top_k", "recent", "sinks", "sparse_query_tail"):
+    for name in ("rank", "top_k", "recent", "sinks", "policy", "sparse_query_tail"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     return cfg
