@@ -14,15 +14,26 @@ import sys
 import time
 from pathlib import Path
 
+from lrkv.config import ConfigError, parse_cli
+
+if __name__ == "__main__":  # a config typo is reported here, in well under a second, before ~10 s of imports
+    try:
+        parse_cli(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tokenizers import Tokenizer
 
+from lrkv.atomic import DiskFullError
 from lrkv.callbacks import LossCurve, NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint, Throughput
-from lrkv.checkpoint import LAST, AtomicCheckpointIO, RunDirError, checkpoint_dir, prepare_run_dir
-from lrkv.config import ConfigError, parse_cli
+from lrkv.checkpoint import (LAST, AtomicCheckpointIO, DamagedCheckpointError, Resume, RunDirError, RunLock,
+                             RunRecord, checkpoint_dir, describe, prepare_run_dir)
+from lrkv.config import Config
 from lrkv.data import DataError, LMData
 from lrkv.export import export_checkpoint, load_export, save_export
 from lrkv.inference.generate import Generator
@@ -30,16 +41,30 @@ from lrkv.lit import CheckpointMismatchError, LitLM
 from lrkv.strategy import trainer_kwargs
 from lrkv.tokenizer import TokenizerError, eos_id
 
-USER_ERRORS = (ConfigError, RunDirError, DataError, TokenizerError, CheckpointMismatchError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, RunDirError, DamagedCheckpointError, DataError, TokenizerError, CheckpointMismatchError,
+               NonFiniteLossError, DiskFullError)
 
 
 def main(argv: list[str] | None = None, callbacks: tuple[L.Callback, ...] = ()) -> dict:
     """Train, export, sample. `callbacks` are extra Lightning callbacks (tests use them to interrupt a run)."""
     t_start = time.time()
     cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+    kwargs = trainer_kwargs(cfg)  # placement errors (no CUDA, launcher disagrees) before the run folder is read
     run_dir = Path(cfg.run.dir)
     is_rank_zero = rank_zero_only.rank == 0  # from RANK / LOCAL_RANK / SLURM_PROCID, before any process group
-    resume = prepare_run_dir(cfg, run_dir, write=is_rank_zero)
+    lock = RunLock(run_dir).acquire() if is_rank_zero else None  # two runs in one folder would overwrite each other
+    try:
+        resume = prepare_run_dir(cfg, run_dir)  # reads only: a refused start leaves the folder as it was
+        if is_rank_zero:
+            print("\n".join(describe(resume)) or f"new run in {run_dir}", flush=True)
+        return train(cfg, run_dir, resume, kwargs, callbacks, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(cfg: Config, run_dir: Path, resume: Resume, kwargs: dict, callbacks: tuple[L.Callback, ...],
+          t_start: float) -> dict:
     L.seed_everything(cfg.train.seed, verbose=False)  # same initial weights on every rank and every try
 
     # ---- data, model, logging, checkpoints
@@ -58,7 +83,6 @@ def main(argv: list[str] | None = None, callbacks: tuple[L.Callback, ...] = ()) 
                                monitor="step", mode="max", save_last=True,  # top-k by step = keep the last N
                                enable_version_counter=False)  # last.ckpt is also written on signals: replace it
 
-    kwargs = trainer_kwargs(cfg)
     kwargs["plugins"] = [*kwargs.get("plugins", []), AtomicCheckpointIO()]
     trainer = L.Trainer(
         **kwargs,
@@ -71,14 +95,14 @@ def main(argv: list[str] | None = None, callbacks: tuple[L.Callback, ...] = ()) 
         log_every_n_steps=cfg.log.every,
         logger=loggers,
         callbacks=[Throughput(cfg.log.every, cfg.data.seq_len, print_lines=not show_bar), curve,
-                   NonFiniteLossGuard(), preempt, periodic, *callbacks],
+                   NonFiniteLossGuard(), RunRecord(cfg, run_dir, resume), preempt, periodic, *callbacks],
         enable_progress_bar=show_bar,
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # LMData shards by rank itself
     )
 
     # ---- train
-    trainer.fit(lit, datamodule=data, ckpt_path=resume)
+    trainer.fit(lit, datamodule=data, ckpt_path=resume.path)
     if preempt.stopped_at is not None:
         if trainer.is_global_zero:
             print(f"stopped by signal at step {preempt.stopped_at}; resume with --run.resume=auto")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import threading
 import time
@@ -146,14 +147,15 @@ class NonFiniteLossGuard(L.Callback):
 
 
 class PreemptionCheckpoint(L.Callback):
-    """SIGTERM / SIGUSR1 (SLURM preemption or time limit): finish the optimizer step, save `path`, stop cleanly.
+    """SIGTERM / SIGUSR1 (SLURM preemption or time limit) / SIGINT (Ctrl-C): finish the optimizer step, save
+    `path`, stop cleanly. A second Ctrl-C aborts at once (KeyboardInterrupt) without saving.
 
     Lightning's own handlers end the run before the step completes (SIGTERM) or save mid-step (SLURM's
     SIGUSR1), so a resume would not be exact; these handlers only set a flag, and the save happens at the next
     optimizer-step boundary on every rank at once (the flag is reduced across ranks).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -162,6 +164,10 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait for the step to finish
+        if signum == signal.SIGINT:  # os.write: print or logging could re-enter a stream the main thread holds
+            os.write(2, b"\nCtrl-C: saving at the end of this optimizer step (press again to abort without saving)\n")
         self.received = signum
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -1,72 +1,252 @@
-"""Run folder guard, resume resolution and atomic checkpoint writes.
+"""Run folder guard and lock, resume resolution with checkpoint checks, atomic checkpoint writes.
 
 Lightning's TorchCheckpointIO writes through an fsspec transaction whose temporary file lives in the system
 temp dir; when that is another filesystem than the run dir (usual on clusters) the final move is a copy, and a
 crash mid-copy leaves a truncated checkpoint. AtomicCheckpointIO writes next to the target, fsyncs, and renames.
+
+A start that is refused changes nothing in the run folder: prepare_run_dir only reads, and the resolved config
+(config.yaml) and the log of schedule changes (config_changes.log) are written by RunRecord once training starts.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import yaml
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lrkv.atomic import atomic_write
 from lrkv.config import Config
-from lrkv.lit import config_differences
+from lrkv.lit import CheckpointMismatchError, config_differences, schedule_changes
 
 CONFIG_FILE = "config.yaml"
+CHANGES_FILE = "config_changes.log"
+LOCK_FILE = ".lock"
 LAST = "last.ckpt"
 
 
 class RunDirError(ValueError):
-    """The run folder belongs to another run, or would be overwritten without --run.resume."""
+    """The run folder belongs to another run, is in use, or would be overwritten without --run.resume."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, not written by train.py, or without a loader position."""
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(checkpoint, f), need=_tensor_bytes(checkpoint))
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, write: bool) -> str | None:
-    """Check the folder may hold this run, save the resolved config (when `write`), return the checkpoint to resume.
+# ---------------------------------------------------------------------------------------------------- resume
 
-    A folder holds a run once it has checkpoints. Refused, touching nothing: one whose config.yaml differs in
-    model/data/train, and one of this same run when --run.resume is not given (it would be overwritten).
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from (path None: a fresh start) and what was noticed choosing it."""
+
+    path: str | None = None
+    step: int = 0
+    changes: list[str] = field(default_factory=list)  # schedule fields changed since the checkpoint
+    skipped: list[str] = field(default_factory=list)  # 'file: why' for damaged candidates passed over
+
+
+def _client_state(path: Path) -> dict:
+    """The Lightning checkpoint dict without loading tensor data (mmap): a .ckpt file, or rank 0's model-states
+    file of a DeepSpeed folder's newest tag."""
+    if path.is_dir():
+        latest = path / "latest"
+        if not latest.is_file():
+            raise DamagedCheckpointError("a folder without DeepSpeed's 'latest' file (an unfinished save?)")
+        tag = latest.read_text().strip()
+        states = sorted((path / tag).glob("*model_states.pt"))
+        if not states:
+            raise DamagedCheckpointError(f"no *model_states.pt in tag '{tag}'")
+        path = states[0]
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError("empty file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # truncated zip (RuntimeError), garbage (UnpicklingError), ...: all mean unreadable
+        raise DamagedCheckpointError(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+
+def inspect_checkpoint(path: Path, cfg: Config) -> Resume:
+    """Check that this run can continue from `path`; DamagedCheckpointError / CheckpointMismatchError say why not."""
+    ckpt = _client_state(path)
+    saved = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
+    if saved is None:
+        raise DamagedCheckpointError("holds no lrkv config; it was not written by train.py")
+    diffs = config_differences(saved, cfg.to_dict())
+    if diffs:
+        raise CheckpointMismatchError("checkpoint was trained with another config (checkpoint -> now): "
+                                      + "; ".join(diffs))
+    loader = ckpt.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+    if not loader or "position" not in loader[0]:
+        raise DamagedCheckpointError("holds no data-loader position, so a resume could not continue the data exactly")
+    step = int(ckpt["global_step"])
+    if step > cfg.train.max_steps:
+        raise RunDirError(f"{path}: trained {step} steps, more than train.max_steps={cfg.train.max_steps}; "
+                          f"raise train.max_steps to continue it")
+    return Resume(str(path), step, schedule_changes(saved, cfg.to_dict()))
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """last.ckpt, then step-N.ckpt newest first."""
+    folder = checkpoint_dir(run_dir)
+    steps = sorted(folder.glob("step-*.ckpt"), key=lambda p: p.name, reverse=True)  # zero-padded: name order
+    return [p for p in [folder / LAST, *steps] if p.exists()]
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> Resume:
+    """Check the folder may hold this run and choose the checkpoint to resume from; writes nothing.
+
+    A folder holds a run once it has checkpoints. Refused: one whose config.yaml differs in model/data/train
+    (schedule fields aside), and one of this same run when --run.resume is not given (it would be overwritten).
     A folder left by an attempt that failed before its first checkpoint is reused.
+    --run.resume=auto takes the newest checkpoint that passes inspect_checkpoint and names the ones it skipped;
+    an explicit --run.resume=PATH that does not pass is refused.
     """
     saved_path = run_dir / CONFIG_FILE
-    last = checkpoint_dir(run_dir) / LAST
-    if saved_path.exists() and any(checkpoint_dir(run_dir).glob("*.ckpt")):
-        diffs = config_differences(yaml.safe_load(saved_path.read_text()) or {}, cfg.to_dict())
+    found = _candidates(run_dir)
+    if saved_path.exists() and found:
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RunDirError(f"{saved_path}: not valid YAML ({str(e).splitlines()[0]}); restore it or remove "
+                              f"the folder") from None
+        diffs = config_differences(saved, cfg.to_dict())
         if diffs:
             raise RunDirError(f"{run_dir} already holds another run (its {CONFIG_FILE} -> now: {'; '.join(diffs)}); "
                               f"choose another --run.dir or remove that folder")
         if cfg.run.resume is None:
             raise RunDirError(f"{run_dir} already holds checkpoints of this run; continue it with --run.resume=auto "
                               f"or choose another --run.dir")
-    resume = cfg.run.resume
-    if resume == "auto":
-        resume = str(last) if last.exists() else None
-    elif resume is not None and not Path(resume).exists():
-        raise RunDirError(f"--run.resume={resume}: checkpoint not found")
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(cfg.to_yaml())
-        os.replace(tmp, saved_path)
-    return resume
+    if cfg.run.resume is None:
+        return Resume()
+    if cfg.run.resume != "auto":
+        path = Path(cfg.run.resume)
+        if not path.exists():
+            raise RunDirError(f"--run.resume={path}: checkpoint not found")
+        try:
+            return inspect_checkpoint(path, cfg)
+        except (DamagedCheckpointError, CheckpointMismatchError) as e:
+            raise type(e)(f"--run.resume={path}: {e}") from None
+    skipped = []
+    for path in found:
+        try:
+            resume = inspect_checkpoint(path, cfg)
+        except (DamagedCheckpointError, CheckpointMismatchError) as e:
+            skipped.append(f"{path.name}: {e}")
+            continue
+        resume.skipped = skipped
+        return resume
+    if found:
+        raise DamagedCheckpointError(f"--run.resume=auto: no usable checkpoint in {checkpoint_dir(run_dir)} "
+                                     f"({'; '.join(skipped)})")
+    return Resume()
+
+
+def describe(resume: Resume) -> list[str]:
+    """The lines a start prints about its resume: skipped files, the checkpoint, the schedule changes."""
+    lines = [f"notice: skipped {s}" for s in resume.skipped]
+    if resume.path is not None:
+        lines.append(f"resuming from {resume.path} (step {resume.step})")
+    if resume.changes:
+        lines.append(f"schedule changed since that checkpoint, followed from step {resume.step} on: "
+                     + "; ".join(resume.changes))
+    return lines
+
+
+class RunRecord(L.Callback):
+    """At the start of training (rank 0): write config.yaml, append schedule changes to config_changes.log and
+    remove temporary files a killed save left in checkpoints/."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: Resume):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        text = self.cfg.to_yaml().encode()
+        atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(text), need=len(text))
+        if self.resume.changes:
+            when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            with open(self.run_dir / CHANGES_FILE, "a") as f:
+                f.write(f"{when} resumed from {self.resume.path} at step {self.resume.step}: "
+                        f"{'; '.join(self.resume.changes)}\n")
+        for tmp in checkpoint_dir(self.run_dir).glob(".*.tmp"):
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------- lock
+
+
+class RunLock:
+    """One train.py per run folder: an exclusive flock on <run>/.lock, which the OS drops if the process dies.
+
+    release() removes the lock file, and the folder too when this lock created it and nothing else was written
+    (a refused start leaves the run folder as it was).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / LOCK_FILE
+        self.created = not self.run_dir.exists()
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                self.release()
+                raise RunDirError(f"{self.run_dir} is in use by another train.py (pid {holder}, {self.path}); "
+                                  f"wait for it to finish or choose another --run.dir") from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                os.close(fd)  # a filesystem without flock (some NFS setups): run unlocked
+                return self
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the file was removed by the run that held it just before we locked: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked, so no other run can lock this inode
+            os.close(self.fd)
+            self.fd = None
+        if self.created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()

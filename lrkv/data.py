@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lrkv.atomic import atomic_write
 from lrkv.config import Config, DataConfig
 from lrkv.tokenizer import eos_id, load_tokenizer, train_tokenizer
 
@@ -143,10 +143,7 @@ def pack(docs: list[str], tok, chunk: int = 256) -> np.ndarray:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, array), need=array.nbytes + 128)  # + the .npy header
 
 
 def _source_fingerprint(cfg: DataConfig) -> list:
@@ -175,16 +172,19 @@ def build_cache(cfg: Config, run_dir: Path, world_size: int) -> None:
             "stream_chars": CHARS_PER_TOKEN_BOUND * tokens_needed if d.streaming else None}
     if tok_path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         return  # current: a restart skips reading and tokenizing the corpus
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)
+    # everything that can fail on the corpus comes before the first write, so a bad corpus leaves no data/ folder
     train_docs, val_docs = split_documents(documents(d, meta["stream_chars"]), d.val_fraction)
     # trained on the train split only, so validation text never shapes the vocabulary
     tok = given or train_tokenizer(train_docs, cfg.model.vocab_size, d.tokenizer_train_chars)
-    tok.save(str(tok_path) + ".tmp")
-    os.replace(str(tok_path) + ".tmp", tok_path)
-    _atomic_save_npy(out / "train.npy", pack(train_docs, tok))
-    _atomic_save_npy(out / "val.npy", pack(val_docs, tok))
-    meta_path.write_text(json.dumps(meta))
+    train_tokens, val_tokens = pack(train_docs, tok), pack(val_docs, tok)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    tok_json = tok.to_str(pretty=True).encode()
+    atomic_write(tok_path, lambda f: f.write(tok_json), need=len(tok_json))
+    _atomic_save_npy(out / "train.npy", train_tokens)
+    _atomic_save_npy(out / "val.npy", val_tokens)
+    meta_json = json.dumps(meta).encode()
+    atomic_write(meta_path, lambda f: f.write(meta_json), need=len(meta_json))
 
 
 # ---------------------------------------------------------------------------------------------------- batches

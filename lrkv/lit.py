@@ -3,6 +3,7 @@
 Optimizer groups: weight decay on matrices (linear weights, LRKV's B_h, the untied lm_head); none on norms,
 biases and the token embedding, whose decay would only shrink rarely-seen token rows toward zero.
 Schedules are stepped once per optimizer step (not per micro-batch), so grad accumulation does not stretch them.
+A resumed run follows the schedule of its current config from the checkpoint's step on (SCHEDULE_KEYS may change).
 """
 
 from __future__ import annotations
@@ -21,17 +22,30 @@ class CheckpointMismatchError(ValueError):
 
 
 IDENTITY_SECTIONS = ("model", "data", "train")  # what must match to resume; run/log/strategy may change
+# train.* keys that only shape the lr schedule and the bookkeeping: they may change when a run is resumed
+# (train longer, lower the lr after a NaN stop); everything else in IDENTITY_SECTIONS defines the run.
+SCHEDULE_KEYS = ("max_steps", "lr", "min_lr_ratio", "schedule", "warmup_steps", "decay_fraction", "val_every",
+                 "val_batches", "ckpt_every", "keep_last")
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    """'section.key: old -> new' for every identity key that differs between two config dicts."""
+def _differences(old: dict, new: dict, schedule: bool) -> list[str]:
     out = []
     for section in IDENTITY_SECTIONS:
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
+            if a.get(key) != b.get(key) and (section == "train" and key in SCHEDULE_KEYS) == schedule:
                 out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for every identity key (model, data, train minus the schedule) that differs."""
+    return _differences(old, new, schedule=False)
+
+
+def schedule_changes(old: dict, new: dict) -> list[str]:
+    """'train.key: old -> new' for every SCHEDULE_KEYS field that differs."""
+    return _differences(old, new, schedule=True)
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -102,6 +116,17 @@ class LitLM(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_train_start(self) -> None:
+        # After a resume the optimizer and LambdaLR hold the checkpoint's lr; the schedule (a closure over
+        # self.cfg.train) is already the new one. Re-derive the lr for the current step from the new train.lr,
+        # the same product LambdaLR computes, so a resume with an unchanged config is bit-identical.
+        t, sched = self.cfg.train, self.lr_schedulers()
+        sched.base_lrs = [t.lr] * len(sched.base_lrs)
+        for group in sched.optimizer.param_groups:
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * lr_factor(sched.last_epoch, t)
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]  # what get_last_lr() reports
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("config")
