@@ -1,10 +1,12 @@
-"""Convert a local Hugging Face Llama / Qwen2 checkpoint into an lrkv export folder.
+"""Convert a local Hugging Face Llama / Qwen2 checkpoint, or a llama.cpp GGUF file, into an lrkv export folder.
 
     python -m lrkv.convert_hf SRC OUT [--dtype bf16|fp16|fp32]
 
 SRC holds `config.json` and `model.safetensors` (or the shards listed in `model.safetensors.index.json`) of a
 `LlamaForCausalLM` or `Qwen2ForCausalLM`; `tokenizer.json` and `generation_config.json` (whose eos ids stop
-generation) are copied when present. JSON and safetensors are read directly (no transformers import). The config
+generation) are copied when present, and `tokenizer_config.json` with the chat template (merged in from
+`chat_template.jinja`, where transformers 5 saves it). JSON and safetensors are read directly (no transformers
+import). The config
 maps onto `ModelConfig(attn="gqa")`; q/k/v are fused into `attn.qkv` ([q | k | v] rows) and gate/up into
 `mlp.fc` ([gate | up] rows). A config field the model cannot reproduce exactly (another architecture, rope
 scaling other than llama3, sliding window, biases on Llama, an activation other than silu, ...) is refused
@@ -15,6 +17,11 @@ part is read and its parts are dropped. The converted state dict is the only ful
 in the output dtype plus the pending parts of (for layer-ordered shards) one layer: Llama-3-8B in bf16 is
 ~16.1 GB + <0.3 GB. This needs safetensors >= 0.8, whose `save_file` writes straight from tensor memory; older
 versions serialise every tensor to bytes first, a transient second copy.
+
+GGUF (SRC is a `.gguf` file or a folder holding exactly one, general.architecture `llama` or `qwen2`; needs the
+`gguf` extra: `pip install 'lrkv[gguf]'`): transformers' GGUF loader dequantises the weights (into --dtype,
+default fp32) and rebuilds config, tokenizer.json, chat template and eos ids from the GGUF metadata; the result
+goes through the same mapping and checks as a folder. Peak memory: the dequantised model plus one layer's parts.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import argparse
 import json
 import re
 import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +43,7 @@ from lrkv.export import ExportError, check_replaceable, check_state_dict, model_
 from lrkv.model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+GGUF_ARCHITECTURES = ("llama", "qwen2")  # general.architecture values transformers loads as the classes above
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DEFAULTS = {  # transformers' class defaults for fields a config.json may omit
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
@@ -162,46 +173,150 @@ def _target(name: str, cfg: ModelConfig) -> tuple[str, int, int] | None:
     raise ConvertError(f"tensor '{name}' has no place in a Llama/Qwen2 lrkv model")
 
 
-def convert_state_dict(src: Path, cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read SRC's shards tensor by tensor into our layout; dtype None keeps each tensor's own dtype."""
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[int, torch.Tensor]] = {}  # fused tensors whose parts may span shards
+def _folder_tensors(src: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, read) for every tensor of SRC's shards; a tensor is read only when asked for."""
     for shard in _shards(src):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
-                target = _target(name, cfg)
-                if target is None:
-                    continue
-                ours, part, parts = target
-                t = f.get_tensor(name)
-                if dtype is not None:
-                    t = t.to(dtype)
-                if parts == 1:
-                    out[ours] = t
-                    continue
-                pending.setdefault(ours, {})[part] = t
-                if len(pending[ours]) == parts:
-                    group = pending.pop(ours)
-                    out[ours] = torch.cat([group[i] for i in range(parts)], dim=0)
+                yield name, partial(f.get_tensor, name)
+
+
+def map_tensors(tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]], cfg: ModelConfig,
+                dtype: torch.dtype | None, where: str) -> dict[str, torch.Tensor]:
+    """HF-named tensors -> our layout, checked against cfg's model; dtype None keeps each tensor's own dtype."""
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[int, torch.Tensor]] = {}  # fused tensors whose parts may span shards
+    for name, read in tensors:
+        target = _target(name, cfg)
+        if target is None:
+            continue
+        ours, part, parts = target
+        t = read()
+        if dtype is not None:
+            t = t.to(dtype)
+        if parts == 1:
+            out[ours] = t
+            continue
+        pending.setdefault(ours, {})[part] = t
+        if len(pending[ours]) == parts:
+            group = pending.pop(ours)
+            out[ours] = torch.cat([group[i] for i in range(parts)], dim=0)
     if pending:
         name = next(iter(pending))
-        raise ConvertError(f"{src}: only {len(pending[name])} HF part(s) of fused tensor '{name}' found; "
+        raise ConvertError(f"{where}: only {len(pending[name])} HF part(s) of fused tensor '{name}' found; "
                            f"is a shard missing?")
     with torch.device("meta"):
         expected = model_state_dict(Transformer(cfg))
     try:
-        check_state_dict(expected, out, str(src))
+        check_state_dict(expected, out, where)
     except ExportError as e:
         raise ConvertError(str(e)) from e
     return out
 
 
+def convert_state_dict(src: Path, cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read SRC's shards tensor by tensor into our layout; dtype None keeps each tensor's own dtype."""
+    return map_tensors(_folder_tensors(src), cfg, dtype, str(src))
+
+
+def _tokenizer_config(text: str, chat_template: str | None) -> str:
+    """tokenizer_config.json with the chat template in it (transformers 5 saves it beside, as chat_template.jinja)."""
+    data = json.loads(text)
+    if chat_template and not data.get("chat_template"):
+        data["chat_template"] = chat_template
+    return json.dumps(data, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------- GGUF
+
+
+def gguf_source(src: Path) -> Path | None:
+    """The GGUF file SRC stands for (SRC itself, or the one .gguf in a folder without config.json), else None."""
+    if src.is_file():
+        return src if src.suffix.lower() == ".gguf" else None
+    if not src.is_dir() or (src / "config.json").is_file():
+        return None
+    found = sorted(src.glob("*.gguf"))
+    if len(found) > 1:
+        raise ConvertError(f"{src}: holds {len(found)} .gguf files ({', '.join(p.name for p in found)}); "
+                           f"give the one to convert")
+    return found[0] if found else None
+
+
+def _gguf_extra() -> str:
+    return "reading GGUF files needs the gguf and accelerate packages: pip install 'lrkv[gguf]'"
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture from the GGUF metadata (the tensors are memory-mapped, not read)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ConvertError(f"{path}: {_gguf_extra()}") from e
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+    except (ValueError, OSError) as e:  # GGUFReader raises ValueError on a bad magic number or version
+        raise ConvertError(f"{path}: not a readable GGUF file ({e})") from e
+    if field is None:
+        raise ConvertError(f"{path}: the GGUF metadata has no general.architecture")
+    return bytes(field.parts[field.data[0]]).decode()  # a string field's value (ReaderField layout since gguf 0.10)
+
+
+def convert_gguf(path: Path, out: str | Path, dtype: torch.dtype | None = None) -> ModelConfig:
+    """Convert a Llama/Qwen2 GGUF file through transformers' GGUF loader (dequantised) into the export OUT."""
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConvertError(f"{path}: GGUF general.architecture={arch!r} is not supported: expected one of "
+                           f"{list(GGUF_ARCHITECTURES)} (Llama / Qwen2)")
+    try:
+        check_replaceable(out)  # before the expensive load
+    except ExportError as e:
+        raise ConvertError(str(e)) from e
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load = {"gguf_file": path.name}
+    if hasattr(transformers, "GgufConfig"):  # newer transformers can keep GGUF blocks packed: ask for dense weights
+        load["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **load)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except ImportError as e:
+        raise ConvertError(f"{path}: {_gguf_extra()} ({e})") from e
+    hf = model.config.to_dict()
+    # transformers tags a GGUF-loaded model as gguf-quantised, but the weights it holds are already dequantised
+    hf.pop("quantization_config", None)
+    hf["architectures"] = [type(model).__name__]
+    try:
+        cfg = hf_model_config(hf)
+    except ConvertError as e:
+        raise ConvertError(f"{path} (the config transformers reads from it): {e}") from e
+    generation_config = model.generation_config.to_json_string()
+    state = model.state_dict()
+    del model  # `state` now holds the only references: each tensor is freed once it is mapped
+    converted = map_tensors(((name, partial(state.pop, name)) for name in list(state)), cfg, dtype, str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        data = json.loads(Path(tmp, "tokenizer_config.json").read_text())
+        for key in ("is_local", "local_files_only"):  # how this load found the temporary folder, nothing more
+            data.pop(key, None)
+        data["model_max_length"] = cfg.max_seq_len  # GGUF's context_length; transformers leaves a huge sentinel
+        tokenizer_config = _tokenizer_config(json.dumps(data), tokenizer.chat_template)
+        extra = {"generation_config.json": generation_config, "tokenizer_config.json": tokenizer_config}
+        save_export(converted, cfg, out, Path(tmp, "tokenizer.json"), extra)
+    return cfg
+
+
 def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> ModelConfig:
-    """Convert the HF folder SRC into the lrkv export folder OUT; returns the model config written."""
+    """Convert the HF folder (or GGUF file) SRC into the lrkv export folder OUT; returns the model config written."""
     src = Path(src)
+    gguf = gguf_source(src)
+    if gguf is not None:
+        return convert_gguf(gguf, out, dtype)
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise ConvertError(f"{src}: no config.json; expected a local Hugging Face model folder")
+        raise ConvertError(f"{src}: no config.json and no .gguf file; expected a local Hugging Face model folder "
+                           f"or a GGUF file")
     try:
         cfg = hf_model_config(json.loads(config_path.read_text()))
     except ConvertError as e:
@@ -215,15 +330,20 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
     # generation_config.json: eos ids for generate; the source's tokenizer_config.json keeps its chat template
     kept = [src / name for name in ("generation_config.json", "tokenizer_config.json")]
     extra = {path.name: path.read_text() for path in kept if path.is_file()}
+    jinja = src / "chat_template.jinja"
+    if "tokenizer_config.json" in extra and jinja.is_file():
+        extra["tokenizer_config.json"] = _tokenizer_config(extra["tokenizer_config.json"], jinja.read_text())
     save_export(state, cfg, out, tokenizer if tokenizer.is_file() else None, extra)
     return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lrkv.convert_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="local HF folder: config.json + *.safetensors (+ tokenizer.json)")
+    parser.add_argument("src", help="local HF folder (config.json + *.safetensors, + tokenizer.json), or a .gguf file "
+                                    "or a folder holding one")
     parser.add_argument("out", help="lrkv export folder to write (an older export there is replaced atomically)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the checkpoint's dtype)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="cast weights (default: keep the checkpoint's dtype; GGUF: dequantise to fp32)")
     args = parser.parse_args(argv)
     try:
         cfg = convert(args.src, args.out, DTYPES.get(args.dtype))
