@@ -1,10 +1,14 @@
 """train.py end to end on a tiny model: exact resume, export round trip, schedule, guards and bad inputs."""
 
+import errno
+import hashlib
 import importlib.util
 import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +16,9 @@ import pytest
 import torch
 import yaml
 
+from lrkv.atomic import DiskFullError
 from lrkv.callbacks import NonFiniteLossError
-from lrkv.checkpoint import RunDirError, prepare_run_dir
+from lrkv.checkpoint import DamagedCheckpointError, RunDirError, prepare_run_dir
 from lrkv.config import TrainConfig, parse_cli
 from lrkv.data import DataError, shakespeare_files
 from lrkv.export import load_export
@@ -47,18 +52,21 @@ def args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 class Record(L.Callback):
-    """Per-micro-batch losses and the lr each optimizer step used; SIGTERMs itself after `kill_at` steps."""
+    """Per-micro-batch losses and batch digests, the lr each optimizer step used; sends itself `signals` once
+    `kill_at` optimizer steps are done."""
 
-    def __init__(self, kill_at: int | None = None):
-        self.losses, self.lrs, self.kill_at = [], [], kill_at
+    def __init__(self, kill_at: int | None = None, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.losses, self.lrs, self.batches, self.kill_at, self.signals = [], [], [], kill_at, signals
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(outputs["loss"].item())
-        if trainer.global_step == self.kill_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+        self.batches.append(hashlib.sha256(batch[0].numpy().tobytes()).hexdigest())
+        if trainer.global_step == self.kill_at and batch_idx % 2 == 0:  # mid-step: the first of 2 micro-batches
+            for s in self.signals:
+                os.kill(os.getpid(), s)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +178,171 @@ def test_tokenizer_with_more_tokens_than_the_model_is_refused(full_run, corpus, 
     tok = full_run[0] / "tokenizer.json"
     with pytest.raises(TokenizerError, match="320 tokens but model.vocab_size is 300"):
         train.main(args(corpus, tmp_path, f"--data.tokenizer={tok}", "--model.vocab_size=300"))
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("export", "csv"))
+    return to
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in folder.rglob("*")}
+
+
+DAMAGE = {"truncated": lambda b: b[: len(b) // 2], "garbage": lambda b: bytes(range(256)) * 64, "empty": lambda b: b""}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_auto_resume_skips_damaged_checkpoints_to_the_newest_good_one(full_run, corpus, tmp_path, capsys, damage):
+    _, rec_full, full = full_run
+    run_dir = copy_run(full_run[0], tmp_path / "run")
+    ckpts = run_dir / "checkpoints"
+    for name in ("last.ckpt", "step-000008.ckpt"):  # both step-8 copies damaged: step 4 is the newest good one
+        (ckpts / name).write_bytes(DAMAGE[damage]((ckpts / name).read_bytes()))
+    capsys.readouterr()
+    rec = Record()
+    result = train.main(args(corpus, run_dir, "--run.resume=auto"), callbacks=(rec,))
+    out = capsys.readouterr().out
+    assert "notice: skipped last.ckpt: " in out and "notice: skipped step-000008.ckpt: " in out
+    assert f"resuming from {ckpts / 'step-000004.ckpt'} (step 4)" in out
+    assert rec.losses == rec_full.losses[8:]  # steps 5-8 exactly as in the uninterrupted run
+    done, ref = result["lit"].model.state_dict(), full["lit"].model.state_dict()
+    assert all(torch.equal(done[k], ref[k]) for k in ref)
+
+
+def test_damaged_explicit_checkpoint_is_one_error_and_nothing_changes(full_run, corpus, tmp_path):
+    run_dir = copy_run(full_run[0], tmp_path / "run")
+    bad = run_dir / "checkpoints" / "last.ckpt"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    for c in run_dir.glob("checkpoints/step-*"):
+        c.write_bytes(b"")
+    before = snapshot(run_dir)
+    with pytest.raises(DamagedCheckpointError, match=rf"--run.resume={bad}: unreadable \(RuntimeError: "):
+        train.main(args(corpus, run_dir, f"--run.resume={bad}"))
+    with pytest.raises(DamagedCheckpointError, match=r"--run.resume=auto: no usable checkpoint .*step-000004.ckpt: "
+                                                     r"empty file"):
+        train.main(args(corpus, run_dir, "--run.resume=auto"))
+    other = tmp_path / "other"
+    with pytest.raises(CheckpointMismatchError, match=r"model\.ffn_dim: 128 -> 160"):
+        train.main(args(corpus, other, "--model.ffn_dim=160", f"--run.resume={full_run[0] / 'checkpoints/last.ckpt'}"))
+    assert snapshot(run_dir) == before and not other.exists()  # no config.yaml rewrite, no log folders, no lock
+
+
+def test_second_run_in_a_folder_in_use_is_refused(corpus, tmp_path):
+    from lrkv.checkpoint import RunLock
+
+    run_dir = tmp_path / "run"
+    holder = RunLock(run_dir).acquire()  # what a running train.py holds
+    try:
+        with pytest.raises(RunDirError, match=rf"{run_dir} is in use by another train.py \(pid {os.getpid()}"):
+            train.main(args(corpus, run_dir))
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]
+    finally:
+        holder.release()
+    assert not run_dir.exists()  # the holder created it and nothing else was written
+
+
+def test_schedule_changes_on_resume_40_to_80(corpus, tmp_path):
+    """40 steps, then resumed with train.max_steps=80: from step 40 on the lr follows the 80-step WSD schedule.
+
+    At the boundary the lr jumps from the 40-step schedule's decayed value (its last 8 steps decay) back to the
+    80-step schedule's plateau; steps before the 40-step run began decaying saw the same lr as a straight 80-step
+    run, so their losses are identical, and the resumed run trains on exactly the batches the straight run sees.
+    """
+    common = ("--train.ckpt_every=20", "--train.val_every=1000", "--run.export=false")
+    straight = Record()
+    train.main(args(corpus, tmp_path / "straight", "--train.max_steps=80", *common), callbacks=(straight,))
+    run_dir = tmp_path / "run"
+    first, second = Record(), Record()
+    train.main(args(corpus, run_dir, "--train.max_steps=40", *common), callbacks=(first,))
+    (run_dir / "NOTES.md").write_text("my notes")
+    result = train.main(args(corpus, run_dir, "--train.max_steps=80", *common, "--run.resume=auto"),
+                        callbacks=(second,))
+    assert result["trainer"].global_step == 80
+    decay_start = 40 - round(0.2 * 40)  # 32: the 40-step run's lr is the straight run's before this step
+    assert first.lrs[:decay_start] == straight.lrs[:decay_start] and first.lrs[-1] < straight.lrs[39]
+    assert first.losses[:2 * (decay_start + 1)] == straight.losses[:2 * (decay_start + 1)]
+    assert second.lrs == straight.lrs[40:]  # exactly the new-length schedule from the resume point on
+    assert second.lrs[0] == 3e-3  # back on the 80-step plateau
+    assert second.batches == straight.batches[80:]  # the data continues where it stopped
+    log = (run_dir / "config_changes.log").read_text().splitlines()
+    assert len(log) == 1 and log[0].endswith("at step 40: train.max_steps: 40 -> 80")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == 80
+    assert (run_dir / "NOTES.md").read_text() == "my notes"
+
+
+def test_lower_lr_on_resume_takes_effect_at_once(full_run, corpus, tmp_path):
+    run_dir = copy_run(full_run[0], tmp_path / "run")
+    rec = Record()
+    train.main(args(corpus, run_dir, "--train.lr=1e-3", "--train.max_steps=10", "--run.resume=auto",
+                    "--run.export=false"), callbacks=(rec,))
+    t = parse_cli(args(corpus, run_dir, "--train.lr=1e-3", "--train.max_steps=10")).train
+    assert rec.lrs == [1e-3 * lr_factor(s, t) for s in (8, 9)]
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_aborts(full_run, corpus, tmp_path):
+    _, rec_full, _ = full_run
+    rec = Record(kill_at=2, signals=(signal.SIGINT,))
+    first = train.main(args(corpus, tmp_path / "once"), callbacks=(rec,))
+    assert first["stopped_at"] == 3  # the step in flight finished, then saved and stopped
+    assert torch.load(tmp_path / "once" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert rec.losses == rec_full.losses[:6]
+    twice = Record(kill_at=2, signals=(signal.SIGINT, signal.SIGINT))
+    with pytest.raises(SystemExit):  # KeyboardInterrupt -> Lightning's shutdown, exit code 1, nothing saved
+        train.main(args(corpus, tmp_path / "twice", "--train.ckpt_every=100"), callbacks=(twice,))
+    assert not list((tmp_path / "twice" / "checkpoints").glob("*.ckpt"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_disk_full_while_checkpointing_is_one_error_and_resume_is_exact(full_run, corpus, tmp_path, monkeypatch):
+    _, rec_full, full = full_run
+    save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if "step-000004" in getattr(f, "name", ""):
+            f.write(b"\0" * 4096)  # a partial file, as a real full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "checkpoints" / "step-000004.ckpt"
+    with pytest.raises(DiskFullError, match=rf"{target}: no space left on the device \(needs about ") as e:
+        train.main(args(corpus, tmp_path, "--train.ckpt_every=2"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step-000002.ckpt"]
+    need_mb = float(str(e.value).split("needs about ")[1].split(" MB")[0])  # the estimate vs a real checkpoint's size
+    assert need_mb == pytest.approx((tmp_path / "checkpoints" / "step-000002.ckpt").stat().st_size / 1e6, rel=0.1)
+    monkeypatch.setattr(torch, "save", save)  # space freed
+    rec = Record()
+    result = train.main(args(corpus, tmp_path, "--train.ckpt_every=2", "--run.resume=auto"), callbacks=(rec,))
+    assert rec.losses == rec_full.losses[4:]
+    done, ref = result["lit"].model.state_dict(), full["lit"].model.state_dict()
+    assert all(torch.equal(done[k], ref[k]) for k in ref)
+
+
+def test_disk_full_while_caching_data_is_one_error_and_leaves_no_temp_file(corpus, tmp_path, monkeypatch):
+    import numpy as np
+
+    np_save = np.save
+
+    def full_disk(f, array, *a, **kw):
+        f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(DiskFullError, match=rf"{tmp_path / 'data' / 'train.npy'}: no space left on the device"):
+        train.main(args(corpus, tmp_path))
+    monkeypatch.setattr(np, "save", np_save)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["data", "tokenizer.json"]
+
+
+def test_config_typo_fails_before_the_heavy_imports(tmp_path):
+    code = ("import runpy, sys\nsys.argv = ['train.py', '--config', 'lrkv_debug.yaml', '--train.max_step=5']\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, 'torch' in sys.modules, 'lightning' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["exit", "1", "False", "False"]
+    assert out.stderr.splitlines() == ["error: unknown config key 'train.max_step' (did you mean 'max_steps'?)"]
