@@ -1,10 +1,16 @@
 """The export folder: the interface between training and inference/evaluation.
 
-    <dir>/config.json        every ModelConfig field (flat) + model_type / architectures
+    <dir>/config.json        every ModelConfig field (flat) + model_type / architectures / dtype (+ token ids)
     <dir>/model.safetensors  the state dict (a tied lm_head is stored once, as embed.weight)
-    <dir>/tokenizer.json     HF `tokenizers` file, when one is given (+ tokenizer_config.json for AutoTokenizer)
-    <dir>/configuration_lrkv.py, modeling_lrkv.py   transformers remote code (lrkv/hf.py), named by config.json's
-                             auto_map: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) loads it
+    <dir>/tokenizer.json     HF `tokenizers` file, when one is given, with tokenizer_config.json (AutoTokenizer;
+                             <|endoftext|> as eos, bos and pad) and generation_config.json (eos / pad ids)
+    <dir>/modeling_lrkv.py   transformers remote code, standalone (pure torch + transformers: lrkv/config.py,
+                             kernels/reference.py, model.py and hf.py in one file), named by config.json's auto_map:
+                             AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) loads it anywhere
+
+Folders are created 0755 and files 0644 (less what the umask takes), so a server running as another user reads
+them. load_export also reads what transformers' save_pretrained writes from the loaded model (a Trainer or peft
+result): the prefixed tensor names and the extra config keys transformers owns; unknown model keys still fail.
 
 Loading needs neither Lightning nor DeepSpeed. The loader refuses a folder whose tensors do not match its
 config and names the first mismatch. Writes go to a temporary sibling folder renamed into place, so an
@@ -20,6 +26,7 @@ DeepSpeed's zero_to_fp32, or a run folder, meaning its checkpoints/last.ckpt):
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -32,16 +39,34 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from lrkv.atomic import DiskFullError, disk_full_message, is_disk_full
 from lrkv.config import ConfigError, ModelConfig, model_config_from_dict
 from lrkv.model import Transformer
+from lrkv.tokenizer import EOS
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 # every file an export may write (save_export's own plus convert_hf's extra files): re-exporting replaces these only
 EXPORT_FILES = {CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME, "tokenizer_config.json", "generation_config.json",
                 "configuration_lrkv.py", "modeling_lrkv.py"}
-_HF_KEYS = ("model_type", "architectures", "auto_map", "torch_dtype", "transformers_version", "lrkv_format")
+# config.json keys that belong to transformers (PretrainedConfig's own and the names LRKVConfig mirrors), not to the
+# model: ignored by name when loading, so a save_pretrained folder loads; any other unknown key is still refused
+_HF_KEYS = frozenset({
+    "model_type", "architectures", "auto_map", "dtype", "torch_dtype", "transformers_version", "lrkv_format",
+    "_name_or_path", "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder", "output_attentions",
+    "output_hidden_states", "problem_type", "return_dict", "use_cache", "bos_token_id", "eos_token_id",
+    "pad_token_id", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+    "tie_word_embeddings"})
+AUTO_MAP = {"AutoConfig": "modeling_lrkv.LRKVConfig", "AutoModel": "modeling_lrkv.LRKVModel",
+            "AutoModelForCausalLM": "modeling_lrkv.LRKVForCausalLM"}
+# the remote code: these modules in this order, each one's `from lrkv...` imports resolved by the ones before
+REMOTE_SOURCES = ("config.py", "kernels/reference.py", "model.py", "hf.py")
+FUSED_STUB = '''
+# ---- lrkv.kernels (the fused Triton kernels ship with the lrkv package; this file runs the reference above)
+def fused_unavailable(x):
+    return "the fused kernels need the lrkv package (this is the export's standalone remote code)"
+'''
 
 
 class ExportError(ValueError):
@@ -57,6 +82,58 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def config_json(cfg: ModelConfig) -> dict:
     return {"model_type": "lrkv", "architectures": ["LRKVForCausalLM"], "lrkv_format": 1, **dataclasses.asdict(cfg)}
+
+
+def remote_code() -> str:
+    """modeling_lrkv.py: REMOTE_SOURCES concatenated, so the export never drifts from the package that wrote it.
+
+    Top-level `from lrkv.X import a` lines go (a is defined above by then; `import a as b` becomes `b = a`); an
+    import inside a function (the Triton decode kernel, unreachable here: fused_unavailable always says why) becomes
+    a raise. A name defined by two modules, or imported before it is defined, is an error here, not in a user's
+    from_pretrained.
+    """
+    root = Path(__file__).resolve().parent
+    parts, defined = [], set()
+    for rel in REMOTE_SOURCES:
+        if rel == "model.py":
+            parts.append(FUSED_STUB)
+            defined.add("fused_unavailable")
+        source = (root / rel).read_text()
+        lines = source.splitlines()
+        tree = ast.parse(source)
+        top = set(map(id, tree.body))
+        for node in sorted(ast.walk(tree), key=lambda n: -getattr(n, "lineno", 0)):  # bottom up: line numbers hold
+            if not isinstance(node, ast.ImportFrom) or not (node.module == "__future__" or
+                                                            (node.module or "").startswith("lrkv")):
+                continue
+            if id(node) not in top:
+                indent = " " * node.col_offset
+                new = [f"{indent}raise ImportError('{node.module} ships with the lrkv package')"]
+            else:
+                new = []
+                for a in node.names if node.module != "__future__" else ():
+                    if a.name not in defined:
+                        raise RuntimeError(f"remote code: lrkv/{rel} imports {a.name} from {node.module}, "
+                                           f"which no module before it in REMOTE_SOURCES defines")
+                    new += [f"{a.asname} = {a.name}"] if a.asname and a.asname != a.name else []
+            lines[node.lineno - 1:node.end_lineno] = new
+        names = {t.id for n in tree.body for t in (ast.walk(n) if isinstance(n, (ast.Assign, ast.AnnAssign)) else ())
+                 if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store)}
+        names |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        if names & defined:
+            raise RuntimeError(f"remote code: lrkv/{rel} redefines {sorted(names & defined)}")
+        defined |= names
+        parts.append(f"\n# ---- lrkv/{rel}\n" + "\n".join(lines) + "\n")
+    return ('"""lrkv model for transformers (trust_remote_code), standalone: generated by lrkv.export from the lrkv '
+            'package\'s\nconfig.py, kernels/reference.py, model.py and hf.py. Do not edit; re-export instead."""\n'
+            "from __future__ import annotations\n" + "".join(parts))
+
+
+def tokenizer_config(cfg: ModelConfig) -> dict:
+    """tokenizer_config.json for AutoTokenizer: the fast tokenizer over tokenizer.json; <|endoftext|>, the document
+    separator in training, is eos, bos and pad (GPT-2's convention), so batched tokenising and pipelines work."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS, "pad_token": EOS,
+            "model_max_length": cfg.max_seq_len}
 
 
 def check_replaceable(out_dir: str | Path) -> None:
@@ -76,26 +153,46 @@ def check_replaceable(out_dir: str | Path) -> None:
 
 def save_export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
                 tokenizer_file: str | Path | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write an export folder (over an older export at out_dir only once the new one is complete)."""
-    from lrkv.hf import AUTO_MAP, REMOTE_CODE, tokenizer_config  # imports transformers, only when exporting
+    """Write an export folder (over an older export at out_dir only once the new one is complete).
 
+    extra_files (name -> text) are written last and win over the defaults (convert_hf's tokenizer and generation
+    configs); the token ids in config.json come from our <|endoftext|>, else from extra generation_config.json.
+    """
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    files = dict(REMOTE_CODE)
+    files = {"modeling_lrkv.py": remote_code()}
+    token_ids = {}
     if tokenizer_file is not None:
+        eos = Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOS)
         files["tokenizer_config.json"] = json.dumps(tokenizer_config(cfg), indent=2)
+        if eos is not None:
+            token_ids = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+            files["generation_config.json"] = json.dumps(token_ids, indent=2)
+    files.update(extra_files or {})
+    if not token_ids and "generation_config.json" in files:
+        gen = json.loads(files["generation_config.json"])
+        token_ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps({**config_json(cfg), "auto_map": AUTO_MAP}, indent=2))
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         if cfg.tie_embeddings:
             tensors.pop("lm_head.weight", None)
+        # transformers' dtype="auto" loads in this dtype (it would default to float32 without it)
+        dtype = next((str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()),
+                     "float32")
+        config = {**config_json(cfg), "dtype": dtype, **token_ids, "auto_map": AUTO_MAP}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
-        for name, text in {**files, **(extra_files or {})}.items():
+        for name, text in files.items():
             (tmp / name).write_text(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():  # safetensors writes 0600 and mkdtemp makes 0700
+            path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out_dir.exists():
             _replace_export_files(tmp, out_dir)
         else:
@@ -161,6 +258,8 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu",
         found = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ExportError(f"{weights}: cannot read safetensors file ({e})") from e
+    if all(k.startswith("model.") for k in found):  # save_pretrained: the HF wrapper keeps Transformer as .model
+        found = {k.removeprefix("model."): v for k, v in found.items()}
     with torch.device("meta"):
         model = Transformer(cfg)
     check_state_dict(model_state_dict(model), found, str(weights))

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lrkv.config import ModelConfig  # noqa: E402
-from lrkv.export import load_export, model_state_dict, save_export  # noqa: E402
+from lrkv.export import ExportError, load_export, model_state_dict, remote_code, save_export  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 from lrkv.tokenizer import EOS, train_tokenizer  # noqa: E402
 
@@ -92,3 +92,82 @@ def test_lm_eval_hflm_scores_the_export(tmp_path):
         with torch.no_grad():
             logp = ref(torch.tensor([c + x])).log_softmax(-1)[0]
         assert abs(score - sum(logp[len(c) - 1 + i, t].item() for i, t in enumerate(x))) <= 1e-5
+
+
+def fed_lengths(hf):
+    """Record the number of tokens each forward embeds (the embedding runs once per forward, in any version)."""
+    lengths = []
+    hf.get_input_embeddings().register_forward_hook(lambda mod, args, out: lengths.append(args[0].shape[1]))
+    return lengths
+
+
+def test_generate_feeds_one_token_per_step(tmp_path):
+    """With the cache, every step after the prompt embeds exactly the one new token (not the whole sequence)."""
+    hf = AutoModelForCausalLM.from_pretrained(export(tmp_path, tie=False), trust_remote_code=True).eval()
+    lengths = fed_lengths(hf)
+    x = torch.randint(0, 300, (2, 7))
+    hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert lengths == [7, 1, 1, 1, 1]
+    lengths.clear()
+    hf.generate(x, max_new_tokens=3, do_sample=True, top_k=20, num_return_sequences=2, pad_token_id=0)
+    assert lengths == [7, 1, 1]
+
+
+@pytest.mark.parametrize("kwargs, uncached", [({"num_beams": 3}, {"num_beams": 3}), ({"prompt_lookup_num_tokens": 2}, {})],
+                         ids=["beam_search_reorders", "prompt_lookup_crops"])
+def test_cache_serves_beam_search_and_candidate_decoding(tmp_path, kwargs, uncached):
+    """Beam search (reorder_cache) with the cache gives the beams it gives without one; prompt-lookup decoding
+    (which crops the cache after rejected candidates) gives plain greedy decoding's tokens."""
+    hf = AutoModelForCausalLM.from_pretrained(export(tmp_path, tie=False), trust_remote_code=True).eval()
+    torch.manual_seed(1)
+    x = torch.randint(0, 20, (1, 12))  # a small alphabet: repeated n-grams give prompt lookup candidates
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf.generate(x, **gen, **kwargs), hf.generate(x, use_cache=False, **gen, **uncached))
+
+
+def test_export_has_eos_pad_and_dtype_for_transformers(tmp_path):
+    cfg_folder = export(tmp_path, tie=False, tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(cfg_folder, trust_remote_code=True)
+    eos = tok.convert_tokens_to_ids(EOS)
+    assert tok.eos_token == tok.pad_token == tok.bos_token == EOS
+    batch = tok(["to be", "or not to be that"], padding=True, return_tensors="pt")  # needs a pad token
+    assert batch.input_ids.shape[0] == 2 and batch.attention_mask[0].sum() < batch.attention_mask[1].sum()
+    hf = AutoModelForCausalLM.from_pretrained(cfg_folder, trust_remote_code=True)
+    assert hf.config.eos_token_id == hf.generation_config.eos_token_id == hf.generation_config.pad_token_id == eos
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=hf, tokenizer=tok, batch_size=2)
+    out = pipe(["to be", "or not to be that"], max_new_tokens=3, do_sample=False)
+    assert all(o[0]["generated_text"].startswith(p) for o, p in zip(out, ["to be", "or not to be that"]))
+
+    bf16 = tmp_path / "bf16"
+    weights = {k: v.to(torch.bfloat16) for k, v in load_export(cfg_folder).state_dict().items()}
+    save_export(weights, load_export(cfg_folder).cfg, bf16)
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(bf16, trust_remote_code=True, dtype="auto").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_pretrained_folder_loads_with_load_export(tmp_path, tie):
+    """A folder written by transformers from the loaded model (what a Trainer or peft leaves) is an export again;
+    a key that is neither the model's nor transformers' is still refused by name."""
+    hf = AutoModelForCausalLM.from_pretrained(export(tmp_path, tie), trust_remote_code=True).eval()
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(1.5)  # a change the round trip must carry
+    hf.save_pretrained(tmp_path / "saved")
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(load_export(tmp_path / "saved")(x), hf(x).logits)
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "rank_q": 4}))
+    with pytest.raises(ExportError, match="model.rank_q"):
+        load_export(tmp_path / "saved")
+
+
+def test_hf_keys_cover_what_transformers_writes():
+    """Every key PretrainedConfig writes for any model is one load_model_config knows to ignore."""
+    from transformers import PretrainedConfig
+
+    from lrkv.export import _HF_KEYS
+
+    assert set(PretrainedConfig().to_dict()) <= _HF_KEYS
