@@ -5,10 +5,13 @@ Tasks (RULER's synthetic tasks that need no downloaded text, plus two classics):
     niah_single    one "special magic number" needle in the repeated-noise haystack (RULER niah_single_1)
     niah_multikey  one queried needle among 3 distractor needles, word keys (RULER niah_multikey_1);
                    niah_multikey_uuid: UUID keys and values (RULER niah_multikey_3)
+    niah_multivalue  one key, 4 values in 4 needles, all asked for (RULER niah_multivalue)
+    niah_multiquery  4 keys, all asked for (RULER niah_multiquery)
     vt             variable tracking: find every variable of an assignment chain (RULER vt)
     cwe            common-word extraction from a numbered word list (RULER cwe)
     fwe            frequent-word extraction from Zipf-distributed coded words (RULER fwe)
     mqar           multi-query associative recall over key=value pairs (Zoology MQAR, as text)
+    qa             who says a quoted line, among documents of speeches from the embedded corpus (RULER qa's shape)
 Every prompt is `context + question`; the filler (noise sentences, list words, pairs) is grown until the prompt
 has as many tokens of the model's tokenizer as the target allows. Score = RULER's string_match_all: the share of
 reference answers found in the greedy output, x100, averaged over items.
@@ -37,6 +40,7 @@ from tokenizers import Tokenizer
 from eval.common import export_tokenizer, markdown_table
 from lrkv.export import load_export
 from lrkv.inference.cache import FullDecoder
+from lrkv.inference.generate import eos_ids
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
 from lrkv.tokenizer import eos_id
 
@@ -124,6 +128,36 @@ def gen_niah(rng: random.Random, n: int, depth: float, num_needles: int = 1, key
     return Item(task, intro + haystack(n, needles), question, [values[0]])
 
 
+def gen_niah_multivalue(rng: random.Random, n: int, depth: float, num_values: int = 4) -> Item:
+    """One word-pair key with `num_values` values in as many needles (the first at `depth`); all are asked for
+    (RULER niah_multivalue)."""
+    key = "-".join(pseudo_words(rng, 2))
+    values = distinct_strings(rng, num_values, lambda: magic_value(rng, False))
+    needles = [(depth if i == 0 else rng.random(), f"One of the special magic numbers for {key} is: {v}.")
+               for i, v in enumerate(values)]
+    intro = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+             "I will quiz you about the numbers afterwards.\n")
+    question = (f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
+                f"The special magic numbers for {key} mentioned in the provided text are")
+    return Item("niah_multivalue", intro + haystack(n, needles), question, values)
+
+
+def gen_niah_multiquery(rng: random.Random, n: int, depth: float, num_queries: int = 4) -> Item:
+    """`num_queries` word-pair keys with one value each (the first at `depth`); every key is asked for
+    (RULER niah_multiquery)."""
+    words = pseudo_words(rng, 2 * num_queries)
+    keys = [f"{a}-{b}" for a, b in zip(words[:num_queries], words[num_queries:])]
+    values = distinct_strings(rng, num_queries, lambda: magic_value(rng, False))
+    needles = [(depth if i == 0 else rng.random(), f"One of the special magic numbers for {k} is: {v}.")
+               for i, (k, v) in enumerate(zip(keys, values))]
+    intro = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+             "I will quiz you about the numbers afterwards.\n")
+    asked = ", ".join(keys[:-1]) + f", and {keys[-1]}"
+    question = (f"\nWhat are all the special magic numbers for {asked} mentioned in the provided text? "
+                f"The special magic numbers for {asked} mentioned in the provided text are")
+    return Item("niah_multiquery", intro + haystack(n, needles), question, values)
+
+
 def gen_vt(rng: random.Random, n: int, depth: float, num_chains: int = 2, num_hops: int = 4) -> Item:
     """Chains 'VAR X0 = 12345.', 'VAR X1 = VAR X0.', ... spread in order through the noise; chain 0 is queried.
     (Needle depth does not apply: the hops are spread over the whole context, as in RULER.)"""
@@ -186,15 +220,70 @@ def gen_mqar(rng: random.Random, n: int, depth: float, num_queries: int = 4) -> 
     return Item("mqar", "Remember these key=value pairs.\n" + pairs, question, [values[target]])
 
 
+def corpus_speeches() -> list[tuple[str, str]]:
+    """(speaker, speech) pairs of the embedded Shakespeare corpus: a block that starts with an upper-case name line
+    ending in '.' (the plays' layout), its text joined to one line. Cached: parsing takes about a second."""
+    global _SPEECHES
+    if _SPEECHES is None:
+        from lrkv.data import shakespeare_files  # the embedded corpus (lrkv/data.py)
+
+        _SPEECHES = []
+        for path in shakespeare_files():
+            for block in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+                head, _, body = block.strip().partition("\n")
+                text = " ".join(body.split())
+                # short names only (cast lists also start with an upper-case line), short speeches: one per filler unit
+                if head.endswith(".") and head[:-1].replace(" ", "").isalpha() and head.isupper() \
+                        and len(head) <= 20 and 0 < len(text) <= 100:
+                    _SPEECHES.append((head[:-1].title(), text))
+    return _SPEECHES
+
+
+_SPEECHES: list[tuple[str, str]] | None = None
+
+
+def gen_qa(rng: random.Random, n: int, depth: float, speeches_per_doc: int = 6) -> Item:
+    """RULER's QA shape on the embedded corpus: a gold document of `speeches_per_doc` consecutive speeches holding a
+    quoted line of 8+ words, placed at `depth` among distractor documents of n speeches in all (drawn from random
+    places in the plays; the last may be shorter); the question asks who says the line, the answer is the speaker.
+    Distractors that happen to contain the line are left out, so it pins one document."""
+    speeches = corpus_speeches()
+    gold_rng, rest_rng = random.Random(rng.random()), random.Random(rng.random())  # n only changes the distractors
+
+    def draw(r: random.Random, size: int) -> list[tuple[str, str]]:
+        start = r.randrange(len(speeches) - size)
+        return speeches[start:start + size]
+
+    while True:
+        gold = draw(gold_rng, speeches_per_doc)
+        lines = [(who, " ".join(t.split()[:12])) for who, t in gold if len(t.split()) >= 8]
+        if lines:
+            speaker, line = gold_rng.choice(lines)
+            break
+    sizes = [speeches_per_doc] * (n // speeches_per_doc) + ([n % speeches_per_doc] if n % speeches_per_doc else [])
+    others = [d for d in (draw(rest_rng, size) for size in sizes) if not any(line in t for _, t in d)]
+    where = round(depth * len(others))
+    docs = others[:where] + [gold] + others[where:]
+    body = "\n\n".join(f"Document {i + 1}:\n" + "\n".join(f"{who.upper()}. {t}" for who, t in d)
+                         for i, d in enumerate(docs))
+    intro = "Answer the question based on the given documents. The following are given documents.\n\n"
+    question = (f"\n\nAnswer the question based on the given documents. Question: Which character says "
+                f"\"{line}\"? Answer: The character who says it is")
+    return Item("qa", intro + body, question, [speaker])
+
+
 TASKS: dict[str, Callable[..., Item]] = {
     "passkey": gen_passkey,
     "niah_single": gen_niah,
     "niah_multikey": lambda rng, n, depth: gen_niah(rng, n, depth, num_needles=4),
     "niah_multikey_uuid": lambda rng, n, depth: gen_niah(rng, n, depth, num_needles=4, key_type="uuid"),
+    "niah_multivalue": gen_niah_multivalue,
+    "niah_multiquery": gen_niah_multiquery,
     "vt": gen_vt,
     "cwe": gen_cwe,
     "fwe": gen_fwe,
     "mqar": gen_mqar,
+    "qa": gen_qa,
 }
 
 
@@ -228,6 +317,8 @@ def make_item(task: str, tok: Tokenizer, target_len: int, seed: int, depth: floa
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if size(mid) <= target_len else (lo, mid)
+    # sizes are only roughly monotone in n (cwe redraws its words, qa its documents): look a little further up
+    lo = max([lo] + [m for m in range(lo + 1, lo + 9) if size(m) <= target_len])
     return gen(random.Random(seed), lo, depth, **params)
 
 
@@ -244,21 +335,33 @@ def ruler_score(predictions: list[str], items: list[Item]) -> float:
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def greedy_answer(decoder, tok: Tokenizer, item: Item, max_new_tokens: int) -> str:
-    """Prefill the context, decode the question token by token, then greedily up to max_new_tokens (or EOS)."""
-    eos = eos_id(tok)
+def greedy_answer(decoder, tok: Tokenizer, item: Item, max_new_tokens: int, eos: set[int]) -> str:
+    """Prefill the context, then `continue_greedy` through the question."""
     with torch.no_grad():
         logits = decoder.prefill(torch.tensor([encode(tok, item.context)]))
-        for t in encode(tok, item.question):
-            logits = decoder.step(torch.tensor([[t]]))
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = int(logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            out.append(nxt)
-            logits = decoder.step(torch.tensor([[nxt]]))
-    return tok.decode(out)
+    return tok.decode(continue_greedy(decoder, logits, encode(tok, item.question), max_new_tokens, eos))
+
+
+@torch.no_grad()
+def continue_greedy(decoder, logits: torch.Tensor, question: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Decode the question token by token, then greedily up to max_new_tokens or a stop id; the new token ids."""
+    for t in question:
+        logits = decoder.step(torch.tensor([[t]]))
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax())
+        if nxt in eos:
+            break
+        out.append(nxt)
+        logits = decoder.step(torch.tensor([[nxt]]))
+    return out
+
+
+def stop_ids(tok: Tokenizer, export_dir: str | Path | None = None) -> set[int]:
+    """The export's stop ids (its generation config's EOS, e.g. a converted model's <|im_end|>), else our EOS."""
+    if export_dir is not None:
+        return set(eos_ids(export_dir, tok))
+    return {i for i in [eos_id(tok)] if i is not None}
 
 
 def answer_budget(tok: Tokenizer, item: Item) -> int:
@@ -271,9 +374,10 @@ def make_decoder(model, cache: str, lrqk: dict):
 
 
 def evaluate(model, tok: Tokenizer, tasks: list[str], lengths: list[int], n: int, caches: list[str],
-             lrqk: dict, depths: list[float], seed: int = 0) -> list[dict]:
+             lrqk: dict, depths: list[float], seed: int = 0, eos: set[int] | None = None) -> list[dict]:
     """One row per (task, length, cache): RULER score and, for non-full caches, the share of items whose output
-    equals the full cache's output."""
+    equals the full cache's output. eos: stop ids (default: our <|endoftext|>)."""
+    eos = stop_ids(tok) if eos is None else eos
     rows = []
     for task in tasks:
         for length in lengths:
@@ -281,7 +385,8 @@ def evaluate(model, tok: Tokenizer, tasks: list[str], lengths: list[int], n: int
             reference: list[str] | None = None
             for cache in caches:
                 t0 = time.time()
-                preds = [greedy_answer(make_decoder(model, cache, lrqk), tok, it, answer_budget(tok, it)) for it in items]
+                preds = [greedy_answer(make_decoder(model, cache, lrqk), tok, it, answer_budget(tok, it), eos)
+                         for it in items]
                 row = {"task": task, "length": length, "cache": cache, "n": n, "score": ruler_score(preds, items),
                        "same as full %": "", "s/item": (time.time() - t0) / n}
                 if cache == "full":
@@ -313,7 +418,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, tok = load_export(args.export), export_tokenizer(args.export)
     lrqk = {"rank": args.rank, "top_k": args.top_k, "recent": args.recent, "sinks": args.sinks}
     rows = evaluate(model, tok, args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.n,
-                    args.cache.split(","), lrqk, [float(x) for x in args.depths.split(",")], args.seed)
+                    args.cache.split(","), lrqk, [float(x) for x in args.depths.split(",")], args.seed,
+                    stop_ids(tok, args.export))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)

@@ -98,9 +98,28 @@ def parse_mqar(it: Item) -> list[str]:
     return [pairs[re.search(r"(\w+)=$", it.question).group(1)]]
 
 
+def parse_niah_all(it: Item) -> list[str]:
+    """multivalue / multiquery: every value of every key the question names."""
+    asked = re.search(r"magic numbers for (.+) mentioned in the provided text\?", it.question).group(1)
+    keys = re.findall(r"[a-z]+-[a-z]+", asked)
+    needles = re.findall(r"One of the special magic numbers for (\S+) is: (\d+)\.", it.context)
+    assert len(needles) == 4 and {k for k, _ in needles} == set(keys)
+    return [v for k, v in needles]
+
+
+def parse_qa(it: Item) -> list[str]:
+    line = re.search(r'Which character says "(.+)"\?', it.question).group(1)
+    docs = re.split(r"\n*Document \d+:\n", it.context)[1:]
+    holding = [d for d in docs if line in d]
+    assert len(holding) == 1  # the quoted line pins one document
+    speakers = [m.group(1) for m in re.finditer(r"^([A-Z][A-Z ]*)\. (.*)$", holding[0], re.M) if line in m.group(2)]
+    assert len(set(speakers)) == 1
+    return [speakers[0].title()]
+
+
 PARSERS = {"passkey": parse_passkey, "niah_single": parse_niah, "niah_multikey": parse_niah,
-           "niah_multikey_uuid": parse_niah, "vt": parse_vt,
-           "cwe": parse_cwe, "fwe": parse_fwe, "mqar": parse_mqar}
+           "niah_multikey_uuid": parse_niah, "niah_multivalue": parse_niah_all, "niah_multiquery": parse_niah_all,
+           "vt": parse_vt, "cwe": parse_cwe, "fwe": parse_fwe, "mqar": parse_mqar, "qa": parse_qa}
 
 
 def test_every_task_has_a_parser():
@@ -114,7 +133,8 @@ def test_answer_recoverable_and_length_on_target(tok, task, target):
         it = make_item(task, tok, target, seed, depth)
         assert sorted(PARSERS[task](it)) == sorted(it.answers)
         n = prompt_tokens(tok, it)
-        assert target - max(40, 0.03 * target) <= n <= target, (task, target, n)
+        unit = 80 if task == "qa" else 40  # qa grows by whole speeches (<= 100 characters, ~70 tokens at this vocab)
+        assert target - max(unit, 0.03 * target) <= n <= target, (task, target, n)
 
 
 def test_uuid_keys_and_needle_depth(tok):
@@ -301,6 +321,43 @@ def test_long_context_harness_lrqk_matches_full_when_nothing_is_dropped(tok):
                     {"rank": 4, "top_k": 256, "recent": 4, "sinks": 0}, [0.5])
     assert [r["cache"] for r in rows] == ["full", "lrqk"]
     assert rows[1]["same as full %"] == 100.0 and 0.0 <= rows[0]["score"] <= 100.0
+
+
+# ---------------------------------------------------------------------------------------------------- ruler
+
+
+def test_ruler_method_specs_share_one_budget():
+    from eval.ruler import parse_method
+
+    base = {"rank": 32, "recent": 32, "sinks": 4}
+    assert parse_method("full", 256, base) == ("full", None)
+    label, cfg = parse_method("lrqk:rank=8:budget=64", 256, base)
+    assert (cfg.policy, cfg.rank, cfg.top_k, cfg.recent + cfg.sinks + cfg.top_k) == ("lrqk", 8, 28, 64)
+    assert parse_method("exact_topk:sinks=0", 256, base)[1].top_k == 224
+    for bad, message in (("bogus", "unknown method"), ("quest:page=3", "not key=value"),
+                         ("loki:budget=30", "leaves no top-k"), ("full:rank=2", "takes no settings")):
+        with pytest.raises(ValueError, match=message):
+            parse_method(bad, 256, base)
+
+
+def test_ruler_every_method_equals_full_when_the_budget_covers_the_prompt(tok):
+    from eval.ruler import evaluate as ruler_evaluate
+    from eval.ruler import parse_method
+
+    torch.manual_seed(0)
+    model = Transformer(tiny("gqa", max_seq_len=512)).eval()
+    base = {"rank": 4, "recent": 8, "sinks": 2}
+    specs = ["full", "lrqk", "exact_topk", "quest", "loki", "h2o", "streaming"]
+    wide = [parse_method(m, 1024, base) for m in specs]
+    records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, wide, eos=set(), log=lambda *a, **k: None)
+    outputs = {r["method"]: r["output"] for r in records}
+    assert len(set(outputs.values())) == 1, outputs  # one prefill, seven decoders, identical greedy text
+    assert all(r["h2d_per_step"] == 0 for r in records)  # everything resident from the prefill on
+    narrow = [parse_method(m, 24, base) for m in ("full", "lrqk", "streaming")]
+    records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, narrow, eos=set(), log=lambda *a, **k: None)
+    by = {r["method"]: r for r in records}
+    assert by["streaming"]["h2d_per_step"] == 0 < by["lrqk"]["h2d_per_step"] <= by["lrqk"]["h2d_no_cache_per_step"]
+    assert by["full"]["gpu_bytes"] > by["lrqk"]["gpu_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------------- compare

@@ -1,0 +1,237 @@
+"""RULER-style suite: full attention and every token-selection policy of the LRQK decoder at one token budget.
+
+    python -m eval.ruler --export DIR --lengths 1024,2048,4096,8192 \
+        --methods full,lrqk,exact_topk,quest,loki,h2o,streaming --budget 256 --n 5
+
+Tasks are RULER's synthetic families (eval/long_context.py builds the items from code and a seed, sized with the
+export's tokenizer so that prompt + generation fit the length; the haystack is RULER's noise sentences, since
+the essay file is not available): niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe
+and qa (who says a quoted line, among documents drawn from the embedded corpus).
+
+Each item's context is prefilled **once**, exactly, and every method decodes from that one prefilled state
+(LRQKDecoder.fork / full_decoder): the question is fed token by token through the method's sparse path, then the
+answer is decoded greedily until the export's EOS or the task's cap. Scores are RULER's string_match_all.
+
+Budget: `--budget B` rows attended per decode step and selection stream (a query head here, as in LRQK's
+reference): `sinks + recent + top_k = B` for every method. A method is a policy name with optional overrides,
+e.g. `lrqk:rank=8`, `lrqk:budget=64`, `lrqk:sinks=0` (the ablations run in one pass over the same prefills).
+
+Per method the report gives the GPU-resident state a bf16 deployment would hold at the item's length (full: the
+KV cache; sparse: slot pool + maps + the policy's own state, from the decoder's memory plan) and the CPU->GPU
+bytes per decode step, measured through the hit/miss pool and, for comparison, without it (every selected row
+fetched every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from eval.common import markdown_table, plt, save_figure
+from eval.long_context import answer_budget, continue_greedy, encode, make_item, stop_ids, string_match_all
+from lrkv.export import load_export, load_model_config
+from lrkv.inference.generate import load_tokenizer_file
+from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder, memory_plan
+from lrkv.inference.lrqk.plan import geometry
+
+RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
+# RULER's tokens_to_generate per task; the decode stops earlier at EOS or once every answer could have been written
+GEN_CAP = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128, "vt": 30,
+           "cwe": 120, "fwe": 50, "qa": 32}
+METHOD_POLICY = {"lrqk": "lrqk", "exact_topk": "exact", "quest": "quest", "loki": "loki", "h2o": "h2o",
+                 "streaming": "streaming"}
+
+
+def parse_method(spec: str, budget: int, base: dict) -> tuple[str, LRQKConfig | None]:
+    """'full' -> None; 'quest' / 'lrqk:rank=8:budget=64' -> an LRQKConfig with top_k = budget - recent - sinks."""
+    name, *overrides = spec.split(":")
+    if name == "full":
+        if overrides:
+            raise ValueError(f"method '{spec}': full attention takes no settings")
+        return spec, None
+    if name not in METHOD_POLICY:
+        raise ValueError(f"unknown method '{name}' in '{spec}', expected full or one of {sorted(METHOD_POLICY)}")
+    fields = {f.name: f.type for f in dataclasses.fields(LRQKConfig)}
+    settings, b = dict(base), budget
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or (key not in fields and key != "budget"):
+            raise ValueError(f"method '{spec}': '{o}' is not key=value with key budget or an LRQKConfig field")
+        if key == "budget":
+            b = int(value)
+        else:
+            kind = str(fields[key])
+            settings[key] = (int(value) if kind.startswith("int") else float(value) if kind == "float"
+                             else value.lower() in ("1", "true") if kind == "bool" else value)
+    top_k = b - settings["recent"] - settings["sinks"]
+    if top_k < 1:
+        raise ValueError(f"method '{spec}': budget {b} leaves no top-k after recent {settings['recent']} + sinks "
+                         f"{settings['sinks']}")
+    settings.setdefault("top_k", top_k)
+    return spec, LRQKConfig(policy=METHOD_POLICY[name], **settings)
+
+
+def run_item(model, base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, methods, eos: set[int]):
+    """Prefill once, then decode the question and answer through every method; per method (tokens, stats)."""
+    logits = base.prefill(torch.tensor([ctx]), keep_prompt=True, logits_to_keep=1)
+    out = {}
+    for label, cfg in methods:
+        dec = base.full_decoder() if cfg is None else base.fork(cfg)
+        t0 = time.perf_counter()
+        tokens = continue_greedy(dec, logits, question, cap, eos)
+        out[label] = (tokens, dec.stats, time.perf_counter() - t0)
+        del dec
+    return out
+
+
+def resident_bytes(model, cfg: LRQKConfig | None, length: int) -> int:
+    """GPU-resident bytes at `length` tokens in bf16: the full KV cache, or the sparse decoder's GPU plan."""
+    if cfg is None:
+        return length * model.kv_bytes_per_token(2)
+    return memory_plan(model.cfg, cfg, 1, length, torch.bfloat16).gpu_bytes
+
+
+def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log=print) -> list[dict]:
+    """One row per (length, task, method, item): score, generated text, bytes, time."""
+    records = []
+    for length in lengths:
+        for task in tasks:
+            for i in range(n):
+                cap = GEN_CAP[task]
+                item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
+                cap = min(cap, answer_budget(tok, item))
+                ctx, question = encode(tok, item.context), encode(tok, item.question)
+                base = LRQKDecoder(model, LRQKConfig(rank=1, top_k=1, recent=1, policy="streaming"),
+                                   max_context=len(ctx) + len(question) + cap + 1)
+                t0 = time.perf_counter()
+                results = run_item(model, base, ctx, question, cap, methods, eos)
+                del base
+                line = []
+                for label, cfg in methods:
+                    tokens, stats, seconds = results[label]
+                    text = tok.decode(tokens)
+                    steps = max(stats["steps"], 1)
+                    row_bytes = 2 * geometry(model_cfg, cfg, 1)["row"] if cfg is not None else 0
+                    rec = {"length": length, "task": task, "item": i, "method": label, "prompt": len(ctx) + len(question),
+                           "score": 100.0 * string_match_all(text, item.answers), "output": text,
+                           "answers": item.answers, "gpu_bytes": resident_bytes(model, cfg, len(ctx) + len(question)),
+                           "h2d_per_step": stats["misses"] * row_bytes / steps,
+                           "h2d_no_cache_per_step": stats["selections"] * row_bytes / steps,
+                           "decode_s": seconds, "steps": stats["steps"]}
+                    if "recall" in stats:
+                        rec["recall"] = stats["recall"]
+                    records.append(rec)
+                    line.append(f"{label} {rec['score']:.0f}")
+                log(f"[{length} {task} #{i}] prompt {len(ctx) + len(question)} tok, {time.perf_counter() - t0:.1f} s: "
+                    + ", ".join(line), flush=True)
+    return records
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def tables(records: list[dict], methods: list[str]) -> str:
+    """Per length: task x method accuracy (+ mean); then per method: bytes and speed over all items."""
+    parts = []
+    for length in sorted({r["length"] for r in records}):
+        at = [r for r in records if r["length"] == length]
+        tasks = [t for t in RULER_TASKS if any(r["task"] == t for r in at)]
+        rows = []
+        for task in tasks:
+            row = {"task": task, "n": sum(1 for r in at if r["task"] == task and r["method"] == methods[0])}
+            row.update({m: mean(r["score"] for r in at if r["task"] == task and r["method"] == m) for m in methods})
+            rows.append(row)
+        rows.append({"task": "**mean**", "n": "", **{m: mean(row[m] for row in rows) for m in methods}})
+        parts.append(f"### {length} tokens (accuracy %)\n\n" + markdown_table(rows, ["task", "n", *methods]))
+    cost = []
+    for m in methods:
+        mine = [r for r in records if r["method"] == m]
+        row = {"method": m, "GPU MiB (bf16, mean prompt)": mean(r["gpu_bytes"] for r in mine) / 2**20,
+               "H2D KiB/step": mean(r["h2d_per_step"] for r in mine) / 1024,
+               "H2D KiB/step w/o hit-miss": mean(r["h2d_no_cache_per_step"] for r in mine) / 1024,
+               "decode ms/token": 1000 * sum(r["decode_s"] for r in mine) / max(sum(r["steps"] for r in mine), 1)}
+        if any("recall" in r for r in mine):
+            per_layer = [mean(r["recall"][i] for r in mine if "recall" in r) for i in range(len(mine[0]["recall"]))]
+            row["recall@k (mean; min layer)"] = f"{mean(per_layer):.3f}; {min(per_layer):.3f}"
+        cost.append(row)
+    parts.append("### Memory and traffic per method (bf16 bytes; CPU->GPU = rows fetched into the GPU pool)\n\n"
+                 + markdown_table(cost))
+    return "\n".join(parts)
+
+
+def plot(records: list[dict], methods: list[str], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lengths = sorted({r["length"] for r in records})
+    for m in methods:
+        ys = [mean(mean(r["score"] for r in records if r["length"] == L and r["method"] == m and r["task"] == t)
+                   for t in {r["task"] for r in records if r["length"] == L}) for L in lengths]
+        ax.plot(lengths, ys, marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("mean accuracy over tasks (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m eval.ruler", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--export", required=True, help="an export folder (e.g. from python -m eval.models smollm2 DIR)")
+    ap.add_argument("--lengths", default="1024,2048,4096", help="comma list of context lengths in tokens")
+    ap.add_argument("--tasks", default=",".join(RULER_TASKS), help=f"comma list of {', '.join(RULER_TASKS)}")
+    ap.add_argument("--methods", default="full,lrqk,exact_topk,quest,loki,h2o,streaming",
+                    help="comma list: full or a policy (lrqk exact_topk quest loki h2o streaming), each with optional "
+                         ":key=value overrides (budget or an LRQKConfig field), e.g. lrqk:rank=8")
+    ap.add_argument("--budget", type=int, default=256, help="rows attended per step and stream: sinks+recent+top_k")
+    ap.add_argument("--recent", type=int, default=32, help="recent window inside the budget")
+    ap.add_argument("--sinks", type=int, default=4, help="first tokens inside the budget")
+    ap.add_argument("--rank", type=int, default=32, help="LRQK rank; Loki's PCA rank")
+    ap.add_argument("--n", type=int, default=5, help="items per task and length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recall", action="store_true", help="also measure recall@k of each policy vs exact top-k")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out", default="reports/ruler")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = {"rank": args.rank, "recent": args.recent, "sinks": args.sinks, "measure_recall": args.recall}
+    specs = [s for s in args.methods.split(",") if s]
+    methods = [parse_method(s, args.budget, base) for s in specs]
+    tasks = args.tasks.split(",")
+    unknown = sorted(set(tasks) - set(RULER_TASKS))
+    if unknown:
+        ap.error(f"unknown task(s) {unknown}; expected some of {list(RULER_TASKS)}")
+    model_cfg = load_model_config(args.export)
+    model = load_export(args.export)
+    for _, cfg in methods:
+        if cfg is not None:
+            cfg.validate(model_cfg.dh)
+    tok = load_tokenizer_file(args.export, model_cfg.vocab_size)
+    eos = stop_ids(tok, args.export)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    records = evaluate(model, tok, model_cfg, tasks, [int(x) for x in args.lengths.split(",")], args.n, methods, eos,
+                       args.seed)
+    wall = time.time() - t0
+    settings = {label: (dataclasses.asdict(cfg) if cfg else "full") for label, cfg in methods}
+    (out / "ruler.json").write_text(json.dumps({"settings": settings, "records": records, "wall_s": wall}, indent=1))
+    plot(records, specs, out / "ruler_accuracy.png")
+    report = (f"# RULER-style suite on `{args.export}`\n\nbudget {args.budget} rows/step (sinks {args.sinks}, recent "
+              f"{args.recent}), rank {args.rank}, n = {args.n} per cell, wall {wall / 60:.1f} min\n\n"
+              + tables(records, specs) + "\n![accuracy](ruler_accuracy.png)\n")
+    (out / "ruler.md").write_text(report)
+    print(report)
+    return records
+
+
+if __name__ == "__main__":
+    main()
