@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--stop-id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--strict-context", action="store_true",
+                   help="refuse a prompt + --max-new-tokens longer than the model's max_seq_len (default: warn)")
     p.add_argument("--stats", action="store_true", help="print hit rate, bytes moved and tokens/s to stderr")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     args = p.parse_args(argv)
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     gen = Generator.from_checkpoint(args.checkpoint, device=device, dtype=dtype, cache=args.cache,
-                                    lrqk=lrqk_config(args) if args.cache == "lrqk" else None)
+                                    lrqk=lrqk_config(args) if args.cache == "lrqk" else None,
+                                    strict_context=args.strict_context)
     sampling = Sampling(args.temperature, args.sample_top_k, args.top_p, args.seed)
     if args.cache == "lrqk":  # before any cache memory is allocated
         plan = gen.memory_plan(len(args.prompt), max(len(gen.encode(p)) for p in args.prompt) + args.max_new_tokens)
@@ -114,6 +118,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # warnings (a prompt past max_seq_len) as one plain stderr line, not Python's file:line form
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     try:
         run(args)
     except (ValueError, MemoryPlanError) as e:  # ExportError, TokenizerError, GenerateError, LRQK settings

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class GenerateError(ValueError):
     """A generation request that cannot run as given (empty prompt, bad sampling setting)."""
+
+
+class ContextLengthWarning(UserWarning):
+    """Prompt + new tokens run past model.max_seq_len: positions the model never saw in training (RoPE extrapolation)."""
 
 
 @dataclass
@@ -143,12 +148,14 @@ class Generator:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: str = "full", lrqk: LRQKConfig | None = None,
-                 eos: Sequence[int] = ()):
+                 eos: Sequence[int] = (), strict_context: bool = False):
         if cache not in CACHE_MODES:
             raise GenerateError(f"cache must be one of {CACHE_MODES}, got '{cache}'")
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.lrqk = lrqk or LRQKConfig()
         self.eos = list(eos)
+        self.strict_context = strict_context  # refuse, instead of warning once, to run past model.max_seq_len
+        self._warned_context = False
         self.device = next(model.parameters()).device
         self.decoder: FullDecoder | LRQKDecoder | None = None
         self.timing: dict[str, float] = {}
@@ -161,12 +168,12 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, export_dir: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, cache: str = "full",
-                        lrqk: LRQKConfig | None = None) -> Generator:
+                        lrqk: LRQKConfig | None = None, strict_context: bool = False) -> Generator:
         """Load config.json, tokenizer.json and model.safetensors; errors (ExportError, TokenizerError) name a file."""
         cfg = load_model_config(export_dir)  # a bad folder fails here, before the tokenizer or weights are read
         tok = load_tokenizer_file(export_dir, cfg.vocab_size)
         model = load_export(export_dir, device=device, dtype=dtype)
-        return cls(model, tok, cache=cache, lrqk=lrqk, eos=eos_ids(export_dir, tok))
+        return cls(model, tok, cache=cache, lrqk=lrqk, eos=eos_ids(export_dir, tok), strict_context=strict_context)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
@@ -207,6 +214,7 @@ class Generator:
             raise GenerateError("no prompts given")
         sampling = sampling or Sampling()
         ids = [self.encode(p) for p in prompts]
+        self._check_context(max(map(len, ids)), max_new_tokens)
         stop_set = set(self.eos) | set(stop_ids)
         stop = [s for s in stop if s]
         rows = [_Row() for _ in ids]
@@ -229,6 +237,18 @@ class Generator:
             new = next_tokens(self.decoder.step(new.view(-1, 1).to(self.device))[:, -1], sampling, gen)
             self.timing["decode_s"] += time.perf_counter() - start
             self.timing["decode_tokens"] += sum(row.finish_reason is None for row in rows)
+
+    def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        limit = self.model.cfg.max_seq_len
+        if prompt_len + max_new_tokens <= limit:
+            return
+        msg = (f"prompt {prompt_len:,} + {max_new_tokens:,} new tokens > max_seq_len {limit:,}: positions past "
+               f"{limit:,} were never trained")
+        if self.strict_context:
+            raise GenerateError(f"{msg}; refused (strict context)")
+        if not self._warned_context:
+            warnings.warn(msg, ContextLengthWarning, stacklevel=4)
+            self._warned_context = True
 
     def _advance(self, i: int, row: _Row, token: int, max_new_tokens: int, stop_set: set[int],
                  stop: list[str]) -> Delta:
