@@ -3,7 +3,9 @@
 The DeepSpeed ZeRO folder path is tested end to end in test_multinode.py.
 """
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +133,22 @@ def test_save_export_never_replaces_a_foreign_folder(tmp_path, foreign):
     save_export(weights, cfg, out)
     save_export(weights, cfg, out)  # replacing an export is allowed
     assert load_export(out).cfg == cfg
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_export_modes_follow_the_umask(tmp_path, umask):
+    """Folder 0755 and files 0644 under the usual umask (a server running as another user can read them), as private
+    as the caller asks under a stricter one; a re-export keeps that for the files it replaces."""
+    cfg = load_config(None, TINY).model
+    tok = tmp_path / "tok.json"
+    Tokenizer(models.BPE()).save(str(tok))
+    old = os.umask(umask)
+    try:
+        out = save_export(model_state_dict(Transformer(cfg)), cfg, tmp_path / "export", tok)
+        save_export(model_state_dict(Transformer(cfg)), cfg, out, tok)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = sorted(out.iterdir())
+    assert {p.name for p in files} >= {"config.json", "model.safetensors", "tokenizer.json", "modeling_lrkv.py"}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}

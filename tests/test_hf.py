@@ -1,7 +1,10 @@
 """An export folder loads with transformers' Auto classes (trust_remote_code) and matches lrkv.export.load_export."""
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
 
@@ -171,3 +174,61 @@ def test_hf_keys_cover_what_transformers_writes():
     from lrkv.export import _HF_KEYS
 
     assert set(PretrainedConfig().to_dict()) <= _HF_KEYS
+
+
+def load_remote_code(folder):
+    """The export's modeling_lrkv.py as a module of its own (not lrkv's classes)."""
+    spec = importlib.util.spec_from_file_location(f"modeling_lrkv_{folder.name}", folder / "modeling_lrkv.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("attn", ["lrkv", "mha", "gqa", "mqa", "mla"])
+def test_standalone_remote_code_computes_what_lrkv_model_does(tmp_path, attn):
+    """The export's modeling_lrkv.py is generated from the package (so it cannot drift) and, loaded on its own,
+    gives lrkv.model.Transformer's logits: full, left-padded, and decoded step by step through its cache."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, n_layer=2, d_model=64, n_head=4, attn=attn, n_kv_head=2 if attn == "gqa" else None,
+                      rank_k=6, rank_v=12, mla_kv_rank=32, mla_rope_dim=8, ffn_dim=96, lrkv_b_init="normal",
+                      max_seq_len=64, rope_scaling=LLAMA3)
+    ref = Transformer(cfg).eval()
+    folder = save_export(model_state_dict(ref), cfg, tmp_path / attn)
+    assert (folder / "modeling_lrkv.py").read_text() == remote_code()
+    remote = load_remote_code(folder)
+    hf = remote.LRKVForCausalLM.from_pretrained(folder).eval()
+    assert not isinstance(hf.model, Transformer)  # the file's own copy of the model
+    x = torch.randint(0, 300, (2, 11))
+    valid = torch.ones_like(x)
+    valid[0, :4] = 0
+    with torch.no_grad():
+        full = ref(x, valid=valid.bool())
+        assert (hf(x).logits - ref(x)).abs().max().item() <= 1e-5
+        assert (hf(x, attention_mask=valid).logits - full).abs().max().item() <= 1e-5
+        out = hf(x[:, :8], attention_mask=valid[:, :8], use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        for t in range(8, 11):
+            step = hf(x[:, t:t + 1], attention_mask=valid[:, :t + 1], cache=cache, use_cache=True).logits
+            assert (step[:, 0] - full[:, t]).abs().max().item() <= 1e-5
+
+
+def test_export_loads_and_generates_without_the_lrkv_package(tmp_path):
+    """A hub user without lrkv: `import lrkv` fails in the subprocess, the Auto classes still load the export and
+    generate what lrkv's own model decodes greedily."""
+    folder = export(tmp_path, tie=True)
+    x = torch.randint(0, 300, (1, 6))
+    script = (f"import sys; sys.modules['lrkv'] = None\n"  # any import of lrkv now raises ImportError
+              f"import torch\nfrom transformers import AutoModelForCausalLM\n"
+              f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()\n"
+              f"print(m.generate(torch.tensor({x.tolist()}), max_new_tokens=4, do_sample=False, pad_token_id=0)"
+              f"[0].tolist())\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ref, seq = load_export(folder), x
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat((seq, ref(seq)[:, -1:].argmax(-1)), 1)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == seq[0].tolist()
