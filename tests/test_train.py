@@ -346,3 +346,56 @@ def test_config_typo_fails_before_the_heavy_imports(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["exit", "1", "False", "False"]
     assert out.stderr.splitlines() == ["error: unknown config key 'train.max_step' (did you mean 'max_steps'?)"]
+
+
+KILLED_WHILE_SAVING = '''
+import os, signal, sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+import train
+
+save = torch.save
+
+
+def killing_save(obj, f, *args, **kwargs):
+    if "step-000006" in getattr(f, "name", ""):  # SIGKILL with half of step-6's checkpoint on disk
+        f.write(b"\\0" * 100_000)
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, f, *args, **kwargs)
+
+
+class Losses(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(os.environ["LOSSES"], "a") as f:
+            f.write(outputs["loss"].item().hex() + "\\n")
+
+
+torch.save = killing_save
+train.main(sys.argv[1:], callbacks=(Losses(),))
+'''
+
+
+def test_sigkill_while_writing_a_checkpoint_then_resume_matches_the_uninterrupted_run(full_run, corpus, tmp_path):
+    _, rec_full, full = full_run
+    script, losses, run_dir = tmp_path / "probe.py", tmp_path / "losses.txt", tmp_path / "run"
+    script.write_text(KILLED_WHILE_SAVING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOSSES": str(losses), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(script), *args(corpus, run_dir, "--train.ckpt_every=2")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / ".step-000006.ckpt.tmp").stat().st_size >= 100_000  # the kill hit mid-write
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
+    killed = [float.fromhex(x) for x in losses.read_text().split()]
+    assert len(killed) == 12 and killed == rec_full.losses[:12]  # it trained through step 6
+
+    rec = Record()
+    result = train.main(args(corpus, run_dir, "--train.ckpt_every=2", "--run.resume=auto"), callbacks=(rec,))
+    assert killed[:8] + rec.losses == rec_full.losses  # steps 1-4 before the kill, 5-8 after the resume
+    done, ref = result["lit"].model.state_dict(), full["lit"].model.state_dict()
+    assert all(torch.equal(done[k], ref[k]) for k in ref)
+    assert not list(ckpts.glob(".*.tmp")) and not (run_dir / ".lock").exists()  # leftovers of the killed run gone
