@@ -232,3 +232,48 @@ def test_export_loads_and_generates_without_the_lrkv_package(tmp_path):
         for _ in range(4):
             seq = torch.cat((seq, ref(seq)[:, -1:].argmax(-1)), 1)
     assert json.loads(run.stdout.strip().splitlines()[-1]) == seq[0].tolist()
+
+
+def test_training_features_of_a_transformers_causal_lm(tmp_path):
+    """inputs_embeds, output_hidden_states, AutoModel, gradient checkpointing and resize_token_embeddings behave as
+    on a LLaMA-class model, checked against lrkv's own Transformer; output_attentions is refused by name."""
+    from transformers import AutoModel
+
+    folder = export(tmp_path, tie=False)
+    ref = load_export(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="sdpa").eval()
+    x = torch.randint(0, 300, (2, 9))
+    seen = []  # each block's input, then the final norm's output, from the reference
+    for layer in ref.layers:
+        layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    ref.norm.register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        logits = ref(x)
+        out = hf(inputs_embeds=hf.get_input_embeddings()(x), output_hidden_states=True)
+        assert (out.logits - logits).abs().max().item() <= 1e-6
+        assert len(out.hidden_states) == len(seen) == 3
+        assert all((h - s).abs().max().item() <= 1e-6 for h, s in zip(out.hidden_states, seen))
+        body = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        assert (body(x).last_hidden_state - seen[-1]).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="output_attentions"):
+        hf(x, output_attentions=True)
+
+    hf.train()
+    def grads(model):
+        model.zero_grad()
+        model(x, labels=x).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+    plain = grads(hf)
+    calls, block = [], hf.model.layers[0]
+    forward = block.forward  # counted by wrapping: torch's recomputation runs forward but not module hooks
+    block.forward = lambda *args: (calls.append(1), forward(*args))[1]
+    hf.gradient_checkpointing_enable()
+    checkpointed = grads(hf)
+    assert len(calls) == 2  # the forward is re-run in the backward: activations were not kept
+    assert all((a - b).abs().max().item() <= 1e-6 for a, b in zip(plain, checkpointed))
+
+    hf.eval().resize_token_embeddings(320)
+    hf.save_pretrained(tmp_path / "resized")
+    with torch.no_grad():
+        assert hf(x).logits.shape[-1] == 320
+        assert torch.equal(load_export(tmp_path / "resized")(x), hf(x).logits)
