@@ -141,6 +141,17 @@ def test_missing_tensors_and_shards_are_named(llama_folder, tmp_path):
         convert(src, tmp_path / "out")
 
 
+def test_chat_template_saved_beside_as_jinja_lands_in_tokenizer_config(llama_folder, tmp_path):
+    src = tmp_path / "src"  # transformers 5's save_pretrained keeps the template in chat_template.jinja
+    shutil.copytree(llama_folder, src)
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    (src / "chat_template.jinja").write_text(template)
+    convert(src, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {
+        "eos_token": "<|im_end|>", "chat_template": template}
+
+
 def test_refuses_to_overwrite_a_folder_that_is_not_an_export(llama_folder, tmp_path):
     with pytest.raises(ConvertError, match="not an lrkv export folder"):
         convert(llama_folder, llama_folder)

