@@ -6,9 +6,8 @@ SRC holds `config.json` and `model.safetensors` (or the shards listed in `model.
 `LlamaForCausalLM` or `Qwen2ForCausalLM`; `tokenizer.json` and `generation_config.json` (whose eos ids stop
 generation) are copied when present, and `tokenizer_config.json` with the chat template (merged in from
 `chat_template.jinja`, where transformers 5 saves it). JSON and safetensors are read directly (no transformers
-import). The config
-maps onto `ModelConfig(attn="gqa")`; q/k/v are fused into `attn.qkv` ([q | k | v] rows) and gate/up into
-`mlp.fc` ([gate | up] rows). A config field the model cannot reproduce exactly (another architecture, rope
+import). The config maps onto `ModelConfig(attn="gqa")`; q/k/v are fused into `attn.qkv` ([q | k | v] rows) and
+gate/up into `mlp.fc` ([gate | up] rows). A config field the model cannot reproduce exactly (another architecture, rope
 scaling other than llama3, sliding window, biases on Llama, an activation other than silu, ...) is refused
 with the field named.
 
@@ -44,6 +43,7 @@ from lrkv.model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # general.architecture values transformers loads as the classes above
+GGUF_EXTRA = "reading GGUF files needs the gguf and accelerate packages: pip install 'lrkv[gguf]'"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DEFAULTS = {  # transformers' class defaults for fields a config.json may omit
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
@@ -219,9 +219,8 @@ def convert_state_dict(src: Path, cfg: ModelConfig, dtype: torch.dtype | None = 
     return map_tensors(_folder_tensors(src), cfg, dtype, str(src))
 
 
-def _tokenizer_config(text: str, chat_template: str | None) -> str:
+def _tokenizer_config(data: dict, chat_template: str | None) -> str:
     """tokenizer_config.json with the chat template in it (transformers 5 saves it beside, as chat_template.jinja)."""
-    data = json.loads(text)
     if chat_template and not data.get("chat_template"):
         data["chat_template"] = chat_template
     return json.dumps(data, indent=2)
@@ -243,16 +242,12 @@ def gguf_source(src: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _gguf_extra() -> str:
-    return "reading GGUF files needs the gguf and accelerate packages: pip install 'lrkv[gguf]'"
-
-
 def gguf_architecture(path: Path) -> str:
     """general.architecture from the GGUF metadata (the tensors are memory-mapped, not read)."""
     try:
         from gguf import GGUFReader
     except ImportError as e:
-        raise ConvertError(f"{path}: {_gguf_extra()}") from e
+        raise ConvertError(f"{path}: {GGUF_EXTRA}") from e
     try:
         field = GGUFReader(path).fields.get("general.architecture")
     except (ValueError, OSError) as e:  # GGUFReader raises ValueError on a bad magic number or version
@@ -282,7 +277,7 @@ def convert_gguf(path: Path, out: str | Path, dtype: torch.dtype | None = None) 
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32, **load)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except ImportError as e:
-        raise ConvertError(f"{path}: {_gguf_extra()} ({e})") from e
+        raise ConvertError(f"{path}: {GGUF_EXTRA} ({e})") from e
     hf = model.config.to_dict()
     # transformers tags a GGUF-loaded model as gguf-quantised, but the weights it holds are already dequantised
     hf.pop("quantization_config", None)
@@ -301,7 +296,7 @@ def convert_gguf(path: Path, out: str | Path, dtype: torch.dtype | None = None) 
         for key in ("is_local", "local_files_only"):  # how this load found the temporary folder, nothing more
             data.pop(key, None)
         data["model_max_length"] = cfg.max_seq_len  # GGUF's context_length; transformers leaves a huge sentinel
-        tokenizer_config = _tokenizer_config(json.dumps(data), tokenizer.chat_template)
+        tokenizer_config = _tokenizer_config(data, tokenizer.chat_template)
         extra = {"generation_config.json": generation_config, "tokenizer_config.json": tokenizer_config}
         save_export(converted, cfg, out, Path(tmp, "tokenizer.json"), extra)
     return cfg
@@ -332,7 +327,8 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
     extra = {path.name: path.read_text() for path in kept if path.is_file()}
     jinja = src / "chat_template.jinja"
     if "tokenizer_config.json" in extra and jinja.is_file():
-        extra["tokenizer_config.json"] = _tokenizer_config(extra["tokenizer_config.json"], jinja.read_text())
+        extra["tokenizer_config.json"] = _tokenizer_config(json.loads(extra["tokenizer_config.json"]),
+                                                           jinja.read_text())
     save_export(state, cfg, out, tokenizer if tokenizer.is_file() else None, extra)
     return cfg
 
