@@ -277,7 +277,7 @@ def mqar_study(variants: list[str], task: MQARTask, steps: int, seeds: int, eval
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per LM run (16 x 128 tokens each)")
     ap.add_argument("--mqar-steps", type=int, default=600, help="0 skips the associative-recall study")

@@ -162,7 +162,7 @@ def run(exports: list[str], names: list[str] | None, out: Path, normalize: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.head_diversity", description=__doc__.split("\n\n")[0])
     ap.add_argument("exports", nargs="+")
     ap.add_argument("--names", nargs="*")
     ap.add_argument("--raw", action="store_true", help="skip the unit-norm normalisation (scale then counts)")

@@ -83,7 +83,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.kv_memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="reports/kv_memory")
     args = ap.parse_args(argv)
     rows = kv_rows()

@@ -399,7 +399,7 @@ def evaluate(model, tok: Tokenizer, tasks: list[str], lengths: list[int], n: int
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.long_context", description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True)
     ap.add_argument("--tasks", default="passkey,niah_single", help=f"comma list of {sorted(TASKS)}")
     ap.add_argument("--lengths", default="512,1024", help="comma list of target prompt lengths in tokens")

@@ -124,7 +124,7 @@ def text_windows(export: str, n: int, length: int, source: str, split: str) -> l
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.lrqk_agreement", description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True)
     ap.add_argument("--source", default="shakespeare")
     ap.add_argument("--split", default="val", choices=("val", "all"))

@@ -63,7 +63,7 @@ def perplexity(model: Transformer, tok: Tokenizer, tokens: np.ndarray, n_tokens:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True)
     ap.add_argument("--source", default="shakespeare", help="shakespeare | local file/folder | hf:NAME[:CONFIG]")
     ap.add_argument("--split", default="val", choices=("val", "all"))
