@@ -156,7 +156,8 @@ def save_export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: 
     """Write an export folder (over an older export at out_dir only once the new one is complete).
 
     extra_files (name -> text) are written last and win over the defaults (convert_hf's tokenizer and generation
-    configs); the token ids in config.json come from our <|endoftext|>, else from extra generation_config.json.
+    configs); the token ids in config.json come from an extra generation_config.json (a converted model's own),
+    else from our <|endoftext|>.
     """
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
@@ -171,7 +172,7 @@ def save_export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: 
             token_ids = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
             files["generation_config.json"] = json.dumps(token_ids, indent=2)
     files.update(extra_files or {})
-    if not token_ids and "generation_config.json" in files:
+    if "generation_config.json" in (extra_files or {}):  # e.g. SmolLM2 has <|endoftext|> but ends turns at <|im_end|>
         gen = json.loads(files["generation_config.json"])
         token_ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
     try:

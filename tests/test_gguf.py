@@ -149,6 +149,9 @@ def test_gguf_converts_to_the_model_it_was_written_from(tmp_path, arch, quant):
     assert eos_ids(tmp_path / "out", out_tok) == sorted({tok.token_to_id("<|endoftext|>"),
                                                          tok.token_to_id("<|im_end|>")})
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    written = {"bos_token_id": tok.token_to_id("<|im_start|>"), "eos_token_id": tok.token_to_id("<|im_end|>")}
+    for name in ("config.json", "generation_config.json"):  # the file's ids, not our <|endoftext|>
+        assert json.loads((tmp_path / "out" / name).read_text()).items() >= written.items(), name
 
 
 @needs_gguf
