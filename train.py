@@ -10,15 +10,28 @@ loss_curve.png, and export/ (config.json, model.safetensors, tokenizer.json) at 
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 from lrkv.config import ConfigError, parse_cli
 
-if __name__ == "__main__":  # a config typo is reported here, in well under a second, before ~10 s of imports
+USAGE = "python train.py --config FILE [--section.key=value ...]"
+
+
+def check_wandb(cfg) -> None:
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true: the wandb package is not installed (pip install 'lrkv[wandb]')")
+
+
+if __name__ == "__main__":  # --help or a config typo is answered here, in well under a second, before ~10 s of imports
+    if not sys.argv[1:]:  # no silent default run in runs/debug
+        print(f"usage: {USAGE}\nerror: give --config FILE (e.g. --config lrkv_debug.yaml); --help lists every option",
+              file=sys.stderr)
+        sys.exit(2)
     try:
-        parse_cli(sys.argv[1:])
+        check_wandb(parse_cli(sys.argv[1:], USAGE, __doc__.split("\n\n")[0]))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -49,6 +62,7 @@ def main(argv: list[str] | None = None, callbacks: tuple[L.Callback, ...] = ()) 
     """Train, export, sample. `callbacks` are extra Lightning callbacks (tests use them to interrupt a run)."""
     t_start = time.time()
     cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+    check_wandb(cfg)
     kwargs = trainer_kwargs(cfg)  # placement errors (no CUDA, launcher disagrees) before the run folder is read
     run_dir = Path(cfg.run.dir)
     is_rank_zero = rank_zero_only.rank == 0  # from RANK / LOCAL_RANK / SLURM_PROCID, before any process group

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import sys
 import types
 import typing
@@ -30,10 +32,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 4096
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4
+    vocab_size: int = 4096  # embedding rows; >= the tokenizer's vocabulary
+    n_layer: int = 4  # transformer blocks
+    d_model: int = 128  # residual width
+    n_head: int = 4  # query heads
     head_dim: int | None = None  # None: d_model // n_head
     attn: str = "lrkv"  # one of ATTENTION_TYPES
     n_kv_head: int | None = None  # gqa groups; None: n_head for mha/lrkv/mla, 1 for mqa
@@ -44,13 +46,13 @@ class ModelConfig:
     mla_q_rank: int = 0  # d_c', compressed query latent; 0 = direct query projection
     mla_rope_dim: int = 16  # d_R, decoupled RoPE dim shared by heads
     ffn_dim: int = 384  # SwiGLU hidden size
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix
     qkv_bias: bool = False  # Qwen2-style q/k/v biases (imported checkpoints)
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base
     rope_scaling: dict | None = None  # Llama-3 style: {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
-    norm_eps: float = 1e-5
-    max_seq_len: int = 256
-    init_std: float = 0.02
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    max_seq_len: int = 256  # longest sequence (RoPE, exports' model_max_length)
+    init_std: float = 0.02  # normal init std of the projections (output projections scaled by 1/sqrt(2 n_layer))
     attn_impl: str = "torch"  # torch (reference) | triton (fused kernel)
 
     @property
@@ -69,10 +71,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "shakespeare"  # shakespeare (embedded) | path to .txt/.json/.jsonl/.parquet file or folder | hf:NAME[:CONFIG]
-    text_field: str = "text"
+    text_field: str = "text"  # field holding the text in .json/.jsonl/.parquet/hub datasets
     text_sample_by: str = "document"  # .txt files: one document per file | paragraph | line
-    seq_len: int = 128
-    val_fraction: float = 0.01
+    seq_len: int = 128  # training sequence length (<= model.max_seq_len)
+    val_fraction: float = 0.01  # share of documents held out for validation
     tokenizer: str | None = None  # path to tokenizer.json; None: train a byte-level BPE of vocab_size on the corpus
     tokenizer_train_chars: int = 20_000_000  # characters used to train the tokenizer
     streaming: bool = False  # stream hub datasets instead of downloading
@@ -80,53 +82,53 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200
-    micro_batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    max_steps: int = 200  # optimizer steps
+    micro_batch_size: int = 16  # sequences per device per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr
+    weight_decay: float = 0.1  # AdamW decay of the weight matrices (embedding, norms and biases exempt)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     schedule: str = "wsd"  # wsd | cosine | constant
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up steps
     decay_fraction: float = 0.2  # wsd: final share of steps spent decaying
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # clip the global grad norm to this
     precision: str = "auto"  # auto (bf16-mixed on CUDA, 32-true on CPU) | any Lightning precision string
-    seed: int = 1337
-    val_every: int = 100
-    val_batches: int = 8
-    ckpt_every: int = 100
-    keep_last: int = 2
-    activation_checkpointing: bool = False
+    seed: int = 1337  # weights and data order
+    val_every: int = 100  # validate every N optimizer steps
+    val_batches: int = 8  # micro-batches per validation
+    ckpt_every: int = 100  # write step-N.ckpt every N optimizer steps
+    keep_last: int = 2  # step-N.ckpt files kept (plus last.ckpt)
+    activation_checkpointing: bool = False  # recompute each block in the backward (less memory, ~1/3 more compute)
 
 
 @dataclass
 class StrategyConfig:
     name: str = "auto"  # auto | single | ddp | deepspeed
     accelerator: str = "auto"  # auto | cpu | cuda
-    devices: int | str = "auto"
-    num_nodes: int = 1
+    devices: int | str = "auto"  # devices per node (auto: all, or what the launcher gives)
+    num_nodes: int = 1  # nodes (must agree with the launcher)
     deepspeed: dict = field(default_factory=dict)  # full DeepSpeed config (zero_optimization, offload, ...)
 
 
 @dataclass
 class LogConfig:
-    every: int = 10
-    csv: bool = True
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "lrkv"
-    progress_bar: bool = True
+    every: int = 10  # log line / metrics every N optimizer steps
+    csv: bool = True  # csv/ metrics log
+    tensorboard: bool = True  # tensorboard/ logs
+    wandb: bool = False  # Weights & Biases logger (needs the wandb package)
+    wandb_project: str = "lrkv"  # W&B project name
+    progress_bar: bool = True  # progress bar on a terminal (plain log lines otherwise)
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/debug"
+    dir: str = "runs/debug"  # run folder: config, tokenizer, data cache, checkpoints, logs, export
     resume: str | None = None  # None | auto | path to a checkpoint
     export: bool = True  # write <dir>/export at the end of training
-    sample_prompt: str = "ROMEO:"
-    sample_tokens: int = 64
+    sample_prompt: str = "ROMEO:"  # prompt of the greedy sample after training
+    sample_tokens: int = 64  # tokens of that sample
 
 
 @dataclass
@@ -345,8 +347,39 @@ def validate(cfg: Config) -> None:
     _require(s.num_nodes >= 1, "strategy.num_nodes", f"must be >= 1, got {s.num_nodes}")
 
 
-def parse_cli(argv: list[str]) -> Config:
-    """`--config X [--section.key=value ...]` (also `--config=X`) -> validated Config."""
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field of a config dataclass: the documentation --help prints."""
+    lines = inspect.getsource(cls).splitlines()
+    return {m[1]: m[2] for m in (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in lines) if m}
+
+
+def config_help(usage: str, description: str, options: str = "") -> str:
+    """--help text: usage, description, the program's own options, then every config field as --section.key."""
+    out = [f"usage: {usage}", "", description, ""]
+    if options:
+        out += ["options:", options, ""]
+    shipped = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+    out += ["config:", f"  --config FILE   a YAML config (a path, or a name in {CONFIG_DIR}: {shipped});",
+            "                  then any field below as --section.key=value (or --section.key value), YAML scalars"]
+    hints = typing.get_type_hints(Config)
+    for section in fields(Config):
+        cls = hints[section.name]
+        notes, defaults, types_ = _field_comments(cls), cls(), typing.get_type_hints(cls)
+        out += ["", f"{section.name}:"]
+        for f in fields(cls):
+            kind = getattr(types_[f.name], "__name__", str(types_[f.name]).replace("typing.", ""))
+            line = f"  --{section.name}.{f.name}={getattr(defaults, f.name)!r}  ({kind})"
+            out.append(f"{line}  {notes[f.name]}" if f.name in notes else line)
+    return "\n".join(out)
+
+
+def parse_cli(argv: list[str], usage: str = "python -m lrkv.config --config FILE [--section.key=value ...]",
+              description: str = "Print the resolved config as YAML.", options: str = "") -> Config:
+    """`--config X [--section.key=value ...]` (also `--config=X`) -> validated Config; -h/--help prints
+    config_help(usage, description, options) and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(config_help(usage, description, options))
+        sys.exit(0)
     argv, path = list(argv), None
     for i, arg in enumerate(argv):
         if arg == "--config":
@@ -364,7 +397,11 @@ def parse_cli(argv: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     """python -m lrkv.config --config X [overrides]: print the resolved config as YAML."""
-    print(parse_cli(sys.argv[1:] if argv is None else argv).to_yaml(), end="")
+    try:
+        print(parse_cli(sys.argv[1:] if argv is None else argv).to_yaml(), end="")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

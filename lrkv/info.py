@@ -3,14 +3,13 @@
 The model is built on the meta device, so a 2.5B config costs no memory.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import sys
 
-import torch
-
-from lrkv.config import Config, ModelConfig, parse_cli
-from lrkv.model import Transformer
+from lrkv.config import Config, ConfigError, ModelConfig, parse_cli
 
 
 def mha_equivalent(m: ModelConfig) -> ModelConfig:
@@ -18,6 +17,10 @@ def mha_equivalent(m: ModelConfig) -> ModelConfig:
 
 
 def model_stats(cfg: Config) -> dict:
+    import torch  # here, not at the top: --help and config errors answer before torch loads
+
+    from lrkv.model import Transformer
+
     with torch.device("meta"):
         model = Transformer(cfg.model)
         mha = Transformer(mha_equivalent(cfg.model))
@@ -40,7 +43,13 @@ def main(argv=None):
     as_json = "--json" in argv
     if as_json:
         argv.remove("--json")
-    stats = model_stats(parse_cli(argv))
+    try:
+        cfg = parse_cli(argv, "python -m lrkv.info --config FILE [--json] [--section.key=value ...]",
+                        __doc__.split("\n\n")[1].strip(), "  --json          one JSON object instead of the table")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    stats = model_stats(cfg)
     if as_json:
         print(json.dumps(stats))
         return
