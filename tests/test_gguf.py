@@ -221,6 +221,7 @@ def save_stub(out):
     (out / "model.safetensors").write_bytes(b"")
 
 
+@needs_gguf
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smollm2_generate_reproduces_transformers_greedy_text(smollm2_export, capsys):
