@@ -43,7 +43,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tokenizers import Tokenizer
 
 from lrkv.atomic import DiskFullError
-from lrkv.callbacks import LossCurve, NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint, Throughput
+from lrkv.callbacks import (LossCurve, NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint, StepProgressBar,
+                            Throughput)
 from lrkv.checkpoint import (LAST, AtomicCheckpointIO, DamagedCheckpointError, Resume, RunDirError, RunLock,
                              RunRecord, checkpoint_dir, describe, prepare_run_dir)
 from lrkv.config import Config
@@ -109,6 +110,7 @@ def train(cfg: Config, run_dir: Path, resume: Resume, kwargs: dict, callbacks: t
         log_every_n_steps=cfg.log.every,
         logger=loggers,
         callbacks=[Throughput(cfg.log.every, cfg.data.seq_len, print_lines=not show_bar), curve,
+                   *([StepProgressBar()] if show_bar else []),
                    NonFiniteLossGuard(), RunRecord(cfg, run_dir, resume), preempt, periodic, *callbacks],
         enable_progress_bar=show_bar,
         default_root_dir=run_dir,

@@ -11,22 +11,61 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-# bf16 dense tensor-core peak, TFLOP/s, matched against torch.cuda.get_device_name()
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+# Dense bf16/fp16 peaks (NVIDIA datasheets) where Lightning's table is off, matched first, in order: it files H200s
+# under "h200 sxm1" / "h200 nvl1", which the names torch reports ("NVIDIA H200", "NVIDIA H200 NVL") do not match,
+# and lists the sparse figures for them and for the H100 NVL.
+HALF_PRECISION_PEAKS = {"h200 nvl": 835e12, "h200": 989e12, "h100 nvl": 835e12}
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; nothing was checkpointed at or after that step."""
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of one device, None when unknown (CPU, unlisted GPUs)."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak dense FLOP/s of one device computing in dtype, from Lightning's device table (A100, H100 SXM / PCIe /
+    NVL, L4, ...); None when unknown (CPU, unlisted GPUs)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+    name = torch.cuda.get_device_name(device).lower()
+    fix = next((peak for key, peak in HALF_PRECISION_PEAKS.items() if key in name), None)
+    if fix is not None:
+        return fix if dtype in (torch.bfloat16, torch.float16) else None
+    flops = get_available_flops(device, dtype)
+    return float(flops) if flops else None
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Lightning precision string: bf16-mixed / bf16-true -> bfloat16, 16-mixed -> float16."""
+    return {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}.get(str(precision).split("-")[0],
+                                                                                torch.float32)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The bar counts optimizer steps of train.max_steps: training is step-based, so Lightning's "Epoch 0/-2" and
+    the logger's v_num say nothing."""
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.set_description("train", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.n = trainer.global_step  # a resumed run starts where it stopped
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if trainer.global_step != bar.n and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 def _step_of(trainer: L.Trainer, batch_idx: int) -> int:
@@ -61,7 +100,7 @@ class Throughput(L.Callback):
         tps = self._tokens / elapsed
         steps_in_window = self._tokens / (batch[0].numel() * trainer.accumulate_grad_batches)
         eta = (trainer.max_steps - step) * elapsed / steps_in_window
-        peak = peak_flops(pl_module.device)
+        peak = peak_flops(pl_module.device, compute_dtype(trainer.precision))
         mfu = pl_module.model.num_flops_per_token(self.seq_len) * tps / peak if peak else None
         metrics = {"perf/tokens_per_s_per_device": tps, "perf/eta_s": eta}
         if mfu is not None:
