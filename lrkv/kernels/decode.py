@@ -86,6 +86,7 @@ def _decode_partials_kernel(
     rk_ok = offs_rk < rank_k
     rv_ok = offs_rv < rank_v
     for h in range(n_head):
+        h = tl.cast(h, tl.int64)  # like b: base offsets in int64 (aot.int32_pointer_offsets checks)
         k1 = ks1.to(tl.float32)  # kept in the input dtype across heads to save registers
         k2 = ks2.to(tl.float32)
         if HAS_ZK:
@@ -138,6 +139,16 @@ def empty_partials(q: torch.Tensor, n_k: int, rank_v: int, block_n: int) -> Part
     return Partials(new(B, H, S, Tq), new(B, H, S, Tq), new(B, H, S, Tq, D), new(B, H, S, Tq, rank_v))
 
 
+def default_block_n(head_dim: int) -> int:
+    """Split size: the shared (BLOCK_N, D/2) tiles stay live across the head loop, so at head_dim 128 64-key
+    splits spill on sm_80 and sm_90 in every warp count (ptxas, benchmarks/kernel_aot.py); 32 do not."""
+    return 64 if head_dim <= 64 else 32
+
+
+def _num_warps(head_dim: int) -> int:
+    return 8 if head_dim >= 128 else 4  # zero spills at D 64 / BN 64 (w4) and D 128 / BN 32 (w8)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -165,7 +176,7 @@ def decode_partials(q, k_s, v_s, z_k, z_v, b_k, cos, sin, key_valid: torch.Tenso
         HAS_VALID=key_valid is not None, HAS_ZK=rank_k > 0, HAS_ZV=rank_v > 0,
         BLOCK_Q=_pow2(Tq), BLOCK_N=block_n, BLOCK_HALF=block_half,
         BLOCK_RK=_pow2(rank_k), BLOCK_RV=_pow2(rank_v),
-        num_warps=8 if block_n * block_half >= 4096 else 4,  # ~6 live (BLOCK_N, D/2) tiles; untuned guess
+        num_warps=_num_warps(D),
     )
     return out
 
@@ -182,12 +193,13 @@ def combine_partials(p: Partials, b_v: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 def lrkv_decode_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, key_valid: torch.Tensor | None = None,
-                          scale: float | None = None, block_n: int = 64) -> torch.Tensor:
+                          scale: float | None = None, block_n: int | None = None) -> torch.Tensor:
     """LRKV attention of a few (Tq) new queries over Tk cached positions, bottom-right causal.
 
     q (B, H, Tq, D) rotated; k_s, v_s (B, Tk, D); z_k (B, Tk, H, r_k), z_v (B, Tk, H, r_v) (cache layout);
     b_k (H, r_k, D), b_v (H, r_v, D); cos, sin (Tk, D/2) for key positions 0..Tk-1; key_valid (B, Tk) bool
-    (False = left padding). Returns o (B, H, Tq, D) in q's dtype. The context is split into tiles of block_n.
+    (False = left padding). Returns o (B, H, Tq, D) in q's dtype. The context is split into tiles of block_n
+    (default_block_n(D) when None).
     Shape errors name the argument as the §10 contract does, i.e. z_k / z_v as their (B, H, T, r) transposes.
     """
     check_lrkv_inputs(q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), b_k, b_v, cos, sin)
@@ -197,6 +209,7 @@ def lrkv_decode_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, key_valid: 
     if not decode_supported(q.device):
         raise ValueError(f"lrkv_decode_attention: needs CUDA or TRITON_INTERPRET=1, got a {q.device.type} tensor")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    block_n = default_block_n(q.shape[-1]) if block_n is None else block_n
     out = empty_partials(q, Tk, z_v.shape[-1], block_n)
     return combine_partials(decode_partials(q, k_s, v_s, z_k, z_v, b_k, cos, sin, key_valid, scale, block_n, out),
                             b_v, q.dtype)

@@ -1,25 +1,28 @@
 """Fused LRKV attention in Triton, forward and backward (spec lrkv.md §8; op contract §10, as reference.py).
 
 Per-head K_h = rope(k_s + z_k[h] @ b_k[h]) and V_h = v_s + z_v[h] @ b_v[h] exist only as tiles, on chip (the
-backward stages one tile per program through scratch, see below):
+backward's dK pass stages its tiles through a transient scratch, see below):
 
 forward  program = (query tile, b, h); loop over key tiles: rebuild the K tile as two RoPE halves
          (k1 = k_s1 + z @ B[:, :D/2], k2 = k_s2 + z @ B[:, D/2:], rotated in registers), online softmax (FA2,
          exp2), and the V side in rank space: acc_s += P @ v_s, acc_z += P @ z_v; epilogue
          O = acc_s / l + (acc_z / l) @ b_v[h]. Saves the log-sum-exp per row for the backward.
-backward _bwd_dq:   program = (query tile, b, h), loop over key tiles (recompute P), dQ; also writes
-                    delta = rowsum(dO * O).
-         _bwd_dkdv: program = (key tile, b), loop over all heads, then query tiles. K_h and V_h tiles are
-                    rebuilt once per head and reused for every query tile (staged through a (B, T, 2D)
-                    scratch so the compiler feeds them to tensor cores from shared memory; never a per-head
-                    (B, H, T, D) tensor); the program owns its key rows,
-                    so d k_s and d v_s are summed over heads in place (fp32, no atomics); d z_h = dK_h B_h^T
-                    is written per head; dB_h = z_h^T dK_h is atomically added to one (H, r, D) fp32 buffer
-                    (per-program partials would be (B T / BN) x H x r x D fp32 = 2r/BN times the size of the
-                    per-head bf16 K this kernel exists to avoid). Head order is rotated per program so
-                    concurrent atomics hit different heads.
-RoPE tables are cast to the input dtype, as reference.rope does. Autotune configs were chosen from ptxas
-register/spill reports for sm_90 (compiled ahead of time, no GPU was available to time them).
+backward _bwd_dq: program = (query tile, b, h), loop over key tiles (recompute P), dQ; also writes
+                  delta = rowsum(dO * O).
+         _bwd_dk, _bwd_dv: program = (key tile, b, h), loop over query tiles; two passes of one kernel
+                  (_bwd_kv), each holding one fp32 (BN, D) accumulator (dK_h or dV_h) and recomputing S^T.
+                  The dK pass stages its rebuilt K_h | V_h tile through a transient (B, H, T, 2D) scratch
+                  (written and read back by the program that owns the rows, freed when the op returns) so
+                  the compiler feeds it to tensor cores from shared memory; kept in registers it spills. The
+                  dV pass keeps its K_h tile in registers. Per program: d z_h = dX_h B_h^T is written; d k_s,
+                  d v_s (summed over heads) and dB_h = z_h^T dX_h (over key tiles) are fp32 atomic adds
+                  (relaxed), so their summation order, unlike the reference's, varies run to run.
+         Earlier layouts, measured with ptxas (benchmarks/kernel_aot.py): one fused dK+dV program looping over
+         all heads spilled 460-1400 bytes in every config at D 128, r 64: head-invariant address tensors stay
+         live across the head loop.
+Per-batch and per-head base offsets are int64 (they pass 2^31 elements at B 16, T 64K, 18 heads of 128).
+RoPE tables are cast to the input dtype, as reference.rope does. Autotune configs (TILES) were chosen from
+ptxas register/spill reports for sm_80 and sm_90 (compiled ahead of time; no GPU has timed them).
 Queries may be fewer than keys (bottom-right aligned causal mask, as the reference). Ranks are padded to a
 power of two >= 16 with masked loads; rank 0 is padded to rank 1 with zeros. Limits: head_dim in HEAD_DIMS
 (RoPE halves are tl.dot operands, so D/2 >= 16), ranks <= head_dim, dtype fp16/bf16/fp32 (fp32 only under
@@ -41,29 +44,52 @@ HEAD_DIMS = (32, 64, 128, 256)
 DTYPES = (torch.float32,) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False  # tests: outputs start as NaN so elements a kernel forgets to write show up
 LOG2E = 1.4426950408889634
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per-block shared memory (opt-in maximum), by compute capability
 
 
-def _configs(tiles):
-    """Autotune configs (BM, BN, num_warps, num_stages); the interpreter takes exactly one (64-wide tiles)."""
-    if INTERPRET:
-        tiles = [(64, 64, 4, 1)]
+# (BM, BN, num_warps, num_stages) per kernel and target family, chosen from ptxas reports at D 128, r 64/48, bf16
+# (benchmarks/kernel_aot.py; no GPU has timed them): every one compiles with zero spills there. sm_80's mma.sync
+# keeps both dot operands in registers, so it gets smaller tiles; sm_90 (wgmma) reads one from shared memory.
+TILES = {
+    "_fwd": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(64, 16, 4, 3), (32, 32, 4, 3)]},
+    "_bwd_dq": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(32, 32, 4, 3)]},
+    "_bwd_dk": {90: [(64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)]},
+    "_bwd_dv": {90: [(64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)]},
+}
+
+
+def _family(arch: int) -> int:
+    return 90 if arch >= 90 else 80
+
+
+def _configs(kernel):
+    """Autotune configs: every target's tiles (each target prunes to its own); the interpreter takes exactly
+    one (64-wide tiles)."""
+    tiles = [(64, 64, 4, 1)] if INTERPRET else list(dict.fromkeys(t for ts in TILES[kernel].values() for t in ts))
     return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-def _fit_sm90(configs, named_args, **kwargs):
-    """Keep within shared memory (227 KiB) and registers: rows wider than 256 bytes (fp32, or head_dim 256)
-    get at most 2 pipeline stages, head_dim 256 only the smaller tiles."""
-    D = kwargs["D"]
-    if D * named_args["Q"].element_size() > 256:
-        configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=min(c.num_stages, 2)) for c in configs]
-    small = [c for c in configs if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 64]
-    return small if D > 128 and small else configs
+def kept_configs(kernel, arch, D, elem_size):
+    """The configs `kernel` may launch on sm_<arch>: that target's tiles; rows wider than 256 bytes (fp32, or
+    head_dim 256) get at most 2 pipeline stages, head_dim 256 only tiles of at most 64 x 64."""
+    stages = 2 if D * elem_size > 256 else 99
+    tiles = [(m, n, w, min(s, stages)) for m, n, w, s in TILES[kernel][_family(arch)] if D <= 128 or m * n <= 64 * 64]
+    return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-# Candidates that ptxas (sm_90, D=128, r=64, bf16) fits in registers with no or little spilling in the loops.
-FWD_TILES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)]
-DQ_TILES = [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)]
-DKDV_TILES = [(64, 64, 8, 3), (32, 128, 8, 3), (64, 32, 4, 3)]
+def _arch(device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _prune(kernel):
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        return kept_configs(kernel, _arch(named_args["Q"].device), kwargs["D"], named_args["Q"].element_size())
+    return prune
+
+
 # lengths enter the key as a power-of-two bucket: a decode loop (Tk + 1 each step) must not retune every call
 KEY = ["T_BUCKET", "D", "RKP", "RVP", "CAUSAL"]
 
@@ -112,7 +138,7 @@ def _visible(offs_m, offs_n, n_ok, offset, CAUSAL: tl.constexpr):
     return ok
 
 
-@triton.autotune(configs=_configs(FWD_TILES), key=KEY, prune_configs_by={"early_config_prune": _fit_sm90})
+@triton.autotune(configs=_configs("_fwd"), key=KEY, prune_configs_by={"early_config_prune": _prune("_fwd")})
 @triton.jit
 def _fwd(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, LSE,
          sq_b, sq_h, sq_t, sks_b, sks_t, svs_b, svs_t, szk_b, szk_h, szk_t, szv_b, szv_h, szv_t,
@@ -120,7 +146,8 @@ def _fwd(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, LSE,
          D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
          CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     HD: tl.constexpr = D // 2
-    bh, pid_m = tl.program_id(0), tl.cdiv(Tq, BM) - 1 - tl.program_id(1)  # causal: longest tiles launch first
+    # int64 (b, h): per-batch and per-head base offsets pass 2^31 elements at B 16, T 64K, H 18, D 128
+    bh, pid_m = tl.program_id(0).to(tl.int64), tl.cdiv(Tq, BM) - 1 - tl.program_id(1)  # causal: longest first
     b, h = bh // H, bh % H
     offset = Tk - Tq  # query i sits at key position i + offset
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -158,7 +185,7 @@ def _fwd(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, LSE,
     tl.store(LSE + bh * Tq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
-@triton.autotune(configs=_configs(DQ_TILES), key=KEY, prune_configs_by={"early_config_prune": _fit_sm90})
+@triton.autotune(configs=_configs("_bwd_dq"), key=KEY, prune_configs_by={"early_config_prune": _prune("_bwd_dq")})
 @triton.jit
 def _bwd_dq(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, DO, LSE, DELTA, DQ,
             sq_b, sq_h, sq_t, sks_b, sks_t, svs_b, svs_t, szk_b, szk_h, szk_t, szv_b, szv_h, szv_t,
@@ -166,7 +193,8 @@ def _bwd_dq(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, DO, LSE, DELTA, DQ,
             D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
             CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     HD: tl.constexpr = D // 2
-    bh, pid_m = tl.program_id(0), tl.cdiv(Tq, BM) - 1 - tl.program_id(1)  # causal: longest tiles launch first
+    # int64 (b, h): per-batch and per-head base offsets pass 2^31 elements at B 16, T 64K, H 18, D 128
+    bh, pid_m = tl.program_id(0).to(tl.int64), tl.cdiv(Tq, BM) - 1 - tl.program_id(1)  # causal: longest first
     b, h = bh // H, bh % H
     offset = Tk - Tq
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -201,91 +229,101 @@ def _bwd_dq(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, DO, LSE, DELTA, DQ,
     tl.store(dq_ptr + HD, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
-@triton.autotune(configs=_configs(DKDV_TILES), key=KEY, reset_to_zero=["DBK", "DBV"],
-                 prune_configs_by={"early_config_prune": _fit_sm90})
 @triton.jit
-def _bwd_dkdv(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, DO, LSE, DELTA, DKS, DVS, DZK, DZV, DBK, DBV, STAGE,
-              sq_b, sq_h, sq_t, sks_b, sks_t, svs_b, svs_t, szk_b, szk_h, szk_t, szv_b, szv_h, szv_t,
-              B, H, Tq, Tk, T_BUCKET, qk_scale, sm_scale,
-              D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
-              CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _bwd_kv(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, DO, LSE, DELTA, DXS, DZ, DB, STAGE,
+            sq_b, sq_h, sq_t, sks_b, sks_t, svs_b, svs_t, szk_b, szk_h, szk_t, szv_b, szv_h, szv_t,
+            B, H, Tq, Tk, T_BUCKET, qk_scale, sm_scale,
+            D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
+            CAUSAL: tl.constexpr, DK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """One key-side backward pass: DK selects d k_s / d z_k / d b_k (else the value side). The passes are
+    separate kernels so each holds one fp32 (BN, D) accumulator across its query loop, not two (the fused
+    dK+dV loop spilled in every config at D 128, r 64); the price is S^T recomputed in each pass."""
     HD: tl.constexpr = D // 2
-    pid_n, b = tl.program_id(0) // B, tl.program_id(0) % B  # causal: key tile 0 has the most queries: first
+    pid_n, b = tl.program_id(0) // B, (tl.program_id(0) % B).to(tl.int64)  # causal: key tile 0 first
+    h = tl.program_id(1).to(tl.int64)  # int64 base offsets, as in _fwd
+    bh = b * H + h
     offset = Tk - Tq
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < Tk
-    rk, rv = tl.arange(0, RKP), tl.arange(0, RVP)
+    row_ok = n_ok[:, None]
     hd, d = tl.arange(0, HD), tl.arange(0, D)
     lo = tl.maximum(pid_n * BN - offset, 0) // BM * BM if CAUSAL else 0  # earlier query tiles see none of these keys
     ks_ptr, vs_ptr = KS + b * sks_b, VS + b * svs_b
-    for i in range(0, H):
-        h = (pid_n + b + i) % H
-        bh = b * H + h
-        zk_ptr, zv_ptr = ZK + b * szk_b + h * szk_h, ZV + b * szv_b + h * szv_h
-        bk_ptr, bv_ptr = BK + h * RK * D, BV + h * RV * D
-        # K_h, V_h tiles rebuilt once per head and reused by every query tile. They pass through STAGE (rows
-        # owned by this program, overwritten per head, L2-resident): Triton gives a tensor-core operand shared
-        # memory only when it is loaded; kept in registers across the query loop, the computed tiles spill.
-        stage = STAGE + b * Tk * 2 * D
+    zk_ptr, zv_ptr = ZK + b * szk_b + h * szk_h, ZV + b * szv_b + h * szv_h
+    bk_ptr, bv_ptr = BK + h * RK * D, BV + h * RV * D
+    k1, k2 = _key_tile(ks_ptr, sks_t, zk_ptr, szk_t, bk_ptr, COS, SIN, offs_n, n_ok, D, RK, RKP)
+    k1, k2 = k1.to(Q.dtype.element_ty), k2.to(Q.dtype.element_ty)
+    if DK:
+        v = _value_tile(vs_ptr, svs_t, zv_ptr, szv_t, bv_ptr, offs_n, n_ok, D, RV, RVP).to(Q.dtype.element_ty)
+        stage = STAGE + bh * Tk * 2 * D
         stage_rows = stage + offs_n[:, None] * (2 * D)
-        tl.debug_barrier()  # every thread has loaded the previous head's tiles
-        k1, k2 = _key_tile(ks_ptr, sks_t, zk_ptr, szk_t, bk_ptr, COS, SIN, offs_n, n_ok, D, RK, RKP)
-        tl.store(stage_rows + hd[None, :], k1.to(STAGE.dtype.element_ty), mask=n_ok[:, None])
-        tl.store(stage_rows + HD + hd[None, :], k2.to(STAGE.dtype.element_ty), mask=n_ok[:, None])
-        v = _value_tile(vs_ptr, svs_t, zv_ptr, szv_t, bv_ptr, offs_n, n_ok, D, RV, RVP)
-        tl.store(stage_rows + D + d[None, :], v.to(STAGE.dtype.element_ty), mask=n_ok[:, None])
-        tl.debug_barrier()  # the tiles are visible to every thread of the program
+        tl.store(stage_rows + hd[None, :], k1, mask=row_ok)
+        tl.store(stage_rows + HD + hd[None, :], k2, mask=row_ok)
+        tl.store(stage_rows + D + d[None, :], v, mask=row_ok)
+        tl.debug_barrier()
         k1 = _tile(stage, 2 * D, offs_n, n_ok, HD, HD)
         k2 = _tile(stage + HD, 2 * D, offs_n, n_ok, HD, HD)
         v = _tile(stage + D, 2 * D, offs_n, n_ok, D, D)
-        dk1 = tl.zeros([BN, HD], tl.float32)
-        dk2 = tl.zeros([BN, HD], tl.float32)
-        dv = tl.zeros([BN, D], tl.float32)
-        q_ptr = Q + b * sq_b + h * sq_h
-        for start_m in range(lo, Tq, BM):
-            offs_m = start_m + tl.arange(0, BM)
-            m_ok = offs_m < Tq
-            q1 = _tile(q_ptr, sq_t, offs_m, m_ok, HD, HD)
-            q2 = _tile(q_ptr + HD, sq_t, offs_m, m_ok, HD, HD)
-            do = _tile(DO + bh * Tq * D, D, offs_m, m_ok, D, D)
-            lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=0.0)
+        acc1 = tl.zeros([BN, HD], tl.float32)  # dK_h, as its two RoPE halves
+        acc2 = tl.zeros([BN, HD], tl.float32)
+    else:
+        acc = tl.zeros([BN, D], tl.float32)  # dV_h
+    q_ptr = Q + b * sq_b + h * sq_h
+    for start_m in range(lo, Tq, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        m_ok = offs_m < Tq
+        q1 = _tile(q_ptr, sq_t, offs_m, m_ok, HD, HD)
+        q2 = _tile(q_ptr + HD, sq_t, offs_m, m_ok, HD, HD)
+        do = _tile(DO + bh * Tq * D, D, offs_m, m_ok, D, D)
+        lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=0.0)
+        qk_t = (tl.dot(k1, tl.trans(q1)) + tl.dot(k2, tl.trans(q2))) * qk_scale  # (BN, BM): S^T
+        visible = tl.trans(_visible(offs_m, offs_n, n_ok, offset, CAUSAL))
+        p_t = tl.exp2(tl.where(visible, qk_t - lse[None, :], float("-inf")))
+        if DK:
             delta = tl.load(DELTA + bh * Tq + offs_m, mask=m_ok, other=0.0)
-            qk_t = (tl.dot(k1, tl.trans(q1)) + tl.dot(k2, tl.trans(q2))) * qk_scale  # (BN, BM): S^T
-            visible = tl.trans(_visible(offs_m, offs_n, n_ok, offset, CAUSAL))
-            p_t = tl.exp2(tl.where(visible, qk_t - lse[None, :], float("-inf")))
-            dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q1.dtype)
-            dk1 += tl.dot(ds_t, q1)
-            dk2 += tl.dot(ds_t, q2)
-        # RoPE^T: gradient w.r.t. the un-rotated key k_s + z B
+            acc1 += tl.dot(ds_t, q1)
+            acc2 += tl.dot(ds_t, q2)
+        else:
+            acc += tl.dot(p_t.to(do.dtype), do)
+    # d k_s / d v_s summed over heads and dB_h = z_h^T dX_h over key tiles, by fp32 atomics; d z_h = dX_h B_h^T.
+    # Operands in the input dtype for tensor-core rate, the rounding the reference's backward applies to dK_h.
+    if DK:
+        rk = tl.arange(0, RKP)
         c = _tile(COS, HD, offs_n, n_ok, HD, HD).to(tl.float32)
         s = _tile(SIN, HD, offs_n, n_ok, HD, HD).to(tl.float32)
-        g1 = (dk1 * c + dk2 * s) * sm_scale
-        g2 = (dk2 * c - dk1 * s) * sm_scale
-        # d k_s, d v_s: this program owns these rows, so sum heads in place (first head overwrites the buffer)
-        row_ok, earlier = n_ok[:, None], n_ok[:, None] & (i > 0)
-        dks_ptr = DKS + b * Tk * D + offs_n[:, None] * D + hd[None, :]
-        dvs_ptr = DVS + b * Tk * D + offs_n[:, None] * D + d[None, :]
-        tl.store(dks_ptr, g1 + tl.load(dks_ptr, mask=earlier, other=0.0), mask=row_ok)
-        tl.store(dks_ptr + HD, g2 + tl.load(dks_ptr + HD, mask=earlier, other=0.0), mask=row_ok)
-        tl.store(dvs_ptr, dv + tl.load(dvs_ptr, mask=earlier, other=0.0), mask=row_ok)
-        # d z_h = dK_h B_h^T and dB_h = z_h^T dK_h (summed over programs in fp32); operands in the input dtype
-        # for tensor-core rate, the rounding the reference's own backward applies to dK_h
-        g1, g2, dv = g1.to(Q.dtype.element_ty), g2.to(Q.dtype.element_ty), dv.to(Q.dtype.element_ty)
+        g1 = (acc1 * c + acc2 * s) * sm_scale  # RoPE^T: gradient w.r.t. the un-rotated key k_s + z B
+        g2 = (acc2 * c - acc1 * s) * sm_scale
+        dxs_ptr = DXS + b * Tk * D + offs_n[:, None] * D + hd[None, :]
+        tl.atomic_add(dxs_ptr, g1, mask=row_ok, sem="relaxed")
+        tl.atomic_add(dxs_ptr + HD, g2, mask=row_ok, sem="relaxed")
+        g1, g2 = g1.to(Q.dtype.element_ty), g2.to(Q.dtype.element_ty)
         bk1 = _tile(bk_ptr, D, rk, rk < RK, HD, HD)
         bk2 = _tile(bk_ptr + HD, D, rk, rk < RK, HD, HD)
-        tl.store(DZK + bh * Tk * RK + offs_n[:, None] * RK + rk[None, :],
-                 (tl.dot(g1, tl.trans(bk1)) + tl.dot(g2, tl.trans(bk2))).to(DZK.dtype.element_ty),
+        tl.store(DZ + bh * Tk * RK + offs_n[:, None] * RK + rk[None, :],
+                 (tl.dot(g1, tl.trans(bk1)) + tl.dot(g2, tl.trans(bk2))).to(DZ.dtype.element_ty),
                  mask=row_ok & (rk[None, :] < RK))
-        bv = _tile(bv_ptr, D, rv, rv < RV, D, D)
-        tl.store(DZV + bh * Tk * RV + offs_n[:, None] * RV + rv[None, :],
-                 tl.dot(dv, tl.trans(bv)).to(DZV.dtype.element_ty), mask=row_ok & (rv[None, :] < RV))
         zk_t = tl.trans(_tile(zk_ptr, szk_t, offs_n, n_ok, RKP, RK))
-        dbk_ptr = DBK + h * RK * D + rk[:, None] * D + hd[None, :]
-        tl.atomic_add(dbk_ptr, tl.dot(zk_t, g1), mask=rk[:, None] < RK)
-        tl.atomic_add(dbk_ptr + HD, tl.dot(zk_t, g2), mask=rk[:, None] < RK)
+        db_ptr = DB + h * RK * D + rk[:, None] * D + hd[None, :]
+        tl.atomic_add(db_ptr, tl.dot(zk_t, g1), mask=rk[:, None] < RK, sem="relaxed")
+        tl.atomic_add(db_ptr + HD, tl.dot(zk_t, g2), mask=rk[:, None] < RK, sem="relaxed")
+    else:
+        rv = tl.arange(0, RVP)
+        dxs_ptr = DXS + b * Tk * D + offs_n[:, None] * D + d[None, :]
+        tl.atomic_add(dxs_ptr, acc, mask=row_ok, sem="relaxed")
+        dv = acc.to(Q.dtype.element_ty)
+        bv = _tile(bv_ptr, D, rv, rv < RV, D, D)
+        tl.store(DZ + bh * Tk * RV + offs_n[:, None] * RV + rv[None, :],
+                 tl.dot(dv, tl.trans(bv)).to(DZ.dtype.element_ty), mask=row_ok & (rv[None, :] < RV))
         zv_t = tl.trans(_tile(zv_ptr, szv_t, offs_n, n_ok, RVP, RV))
-        tl.atomic_add(DBV + h * RV * D + rv[:, None] * D + d[None, :], tl.dot(zv_t, dv), mask=rv[:, None] < RV)
+        tl.atomic_add(DB + h * RV * D + rv[:, None] * D + d[None, :], tl.dot(zv_t, dv), mask=rv[:, None] < RV,
+                      sem="relaxed")
+
+
+# one autotuner per pass: their configs and tuned choices differ
+_bwd_dk, _bwd_dv = (triton.autotune(configs=_configs(k), key=KEY, reset_to_zero=["DXS", "DB"],
+                                    prune_configs_by={"early_config_prune": _prune(k)})(_bwd_kv)
+                    for k in ("_bwd_dk", "_bwd_dv"))
 
 
 def check_fused_supported(q, z_k, z_v) -> None:
@@ -329,10 +367,9 @@ def _meta(q, k_s, z_k, z_v, causal):
                 RVP=_rank_pad(z_v.shape[-1]), CAUSAL=causal)
 
 
-@torch.library.custom_op("lrkv::fused_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor, z_v: torch.Tensor,
-            b_k: torch.Tensor, b_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_fwd(q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor, z_v: torch.Tensor,
+               b_k: torch.Tensor, b_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k_s, v_s, z_k, z_v = _unit_last(q, k_s, v_s, z_k, z_v)
     b_k, b_v = b_k.contiguous(), b_v.contiguous()
     cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()  # as reference.rope
@@ -346,15 +383,18 @@ def _fwd_op(q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Te
     return o, lse
 
 
+# plain launchers (callable on meta tensors: aot.py records their kernel launches), wrapped as custom ops
+_fwd_op = torch.library.custom_op("lrkv::fused_attention_fwd", mutates_args=())(launch_fwd)
+
+
 @_fwd_op.register_fake
 def _(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("lrkv::fused_attention_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor,
-            z_v: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float) -> list[torch.Tensor]:
+def launch_bwd(do: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor,
+               z_v: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float) -> list[torch.Tensor]:
     q, k_s, v_s, z_k, z_v = _unit_last(q, k_s, v_s, z_k, z_v)
     do, o, lse, b_k, b_v = do.contiguous(), o.contiguous(), lse.contiguous(), b_k.contiguous(), b_v.contiguous()
     cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()  # as reference.rope
@@ -366,16 +406,19 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Ten
     dq, delta = _new(q.shape, q), _new((B, H, Tq), q, torch.float32)
     _bwd_dq[lambda m: (B * H, triton.cdiv(Tq, m["BM"]))](
         q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, o, do, lse, delta, dq, *strides, *args, **meta)
-    dks, dvs = _new((B, Tk, D), q, torch.float32), _new((B, Tk, D), q, torch.float32)
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=q.device)  # noqa: E731  atomic sums
+    dks, dvs, dbk, dbv = zeros(B, Tk, D), zeros(B, Tk, D), zeros(H, r_k, D), zeros(H, r_v, D)
     dzk, dzv = _new((B, H, Tk, r_k), q), _new((B, H, Tk, r_v), q)
-    dbk = torch.zeros((H, r_k, D), dtype=torch.float32, device=q.device)  # atomic accumulators
-    dbv = torch.zeros((H, r_v, D), dtype=torch.float32, device=q.device)
-    stage = _new((B, Tk, 2 * D), q)  # per-program K_h | V_h tiles, O(B T D)
-    _bwd_dkdv[lambda m: (triton.cdiv(Tk, m["BN"]) * B,)](
-        q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, do, lse, delta, dks, dvs, dzk, dzv, dbk, dbv, stage, *strides, B,
-        *args, **meta)
+    stage = _new((B, H, Tk, 2 * D), q)  # the dK pass's rebuilt K_h | V_h tiles (module docstring)
+    for kernel, dxs, dz, db, dk in ((_bwd_dk, dks, dzk, dbk, True), (_bwd_dv, dvs, dzv, dbv, False)):
+        kernel[lambda m: (triton.cdiv(Tk, m["BN"]) * B, H)](
+            q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, do, lse, delta, dxs, dz, db, stage, *strides, B, *args, **meta,
+            DK=dk)
     dt = q.dtype
     return [dq, dks.to(dt), dvs.to(dt), dzk, dzv, dbk.to(dt), dbv.to(dt)]
+
+
+_bwd_op = torch.library.custom_op("lrkv::fused_attention_bwd", mutates_args=())(launch_bwd)
 
 
 @_bwd_op.register_fake

@@ -1,0 +1,65 @@
+"""Ahead-of-time compile of every Triton kernel for sm_80 and sm_90 on CPU (Triton ships ptxas): each config the
+op may launch compiles with zero spills, within the target's shared memory, with no int32 base offsets.
+
+The compiles run in one subprocess (benchmarks/kernel_aot.py --json): this pytest process has the interpreter
+switched on (conftest.py), and interpreted kernels cannot be compiled. The default run compiles two
+representative kernels (one config each); the slow tests take every kernel at the lrkv_2p5b shape, every kept
+config at every shipped shape, and the sweep every combination the issue lists.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lrkv.kernels.lrkv_attn import SMEM_LIMIT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compile_rows(*args, timeout=1800):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "benchmarks/kernel_aot.py", "--json", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: a kept config does not fit, checked row by row
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert rows, out.stderr[-3000:]
+    return rows
+
+
+def check(rows, expected_kernels):
+    assert {(r["kernel"], r["arch"]) for r in rows} >= expected_kernels
+    for r in rows:
+        where = f"{r['kernel']} sm_{r['arch']} {r['dtype']} D{r['D']} r{r['r_k']}/{r['r_v']} {r['config']}"
+        assert r["spill_stores"] == r["spill_loads"] == 0, f"{where}: spills {r['spill_stores']} bytes"
+        assert r["shared"] <= SMEM_LIMIT[r["arch"]], f"{where}: {r['shared']} bytes of shared memory"
+        assert not r["i32_offsets"], f"{where}: int32 base offsets {r['i32_offsets']}"
+
+
+KERNELS = {"_fwd", "_bwd_dq", "_bwd_dk", "_bwd_dv", "decode"}
+
+
+@pytest.mark.parametrize("arch, kernel", [(90, "_bwd_dk"), (80, "_fwd")])
+def test_representative_kernel_compiles_spill_free_at_the_2p5b_shape(arch, kernel):
+    """The two that spilled worst before (dK/dV on sm_90, the forward's key loop on sm_80), first kept config."""
+    rows = compile_rows("--configs", "first", "--shape", "128,64,48", "--kernels", kernel, "--arch", str(arch))
+    check(rows, {(kernel, arch)})
+
+
+@pytest.mark.slow
+def test_first_kept_config_of_every_kernel_at_the_2p5b_shape():
+    check(compile_rows("--configs", "first", "--shape", "128,64,48"), {(k, a) for k in KERNELS for a in (80, 90)})
+
+
+@pytest.mark.slow
+def test_every_kept_config_at_every_shipped_shape():
+    check(compile_rows("--configs", "kept"), {(k, a) for k in KERNELS for a in (80, 90)})
+
+
+@pytest.mark.slow
+def test_sweep_dtypes_head_dims_and_ranks():
+    check(compile_rows("--configs", "kept", "--sweep"), {(k, a) for k in KERNELS for a in (80, 90)})
+
