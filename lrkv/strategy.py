@@ -6,6 +6,7 @@ Kept out of the model file; train.py only calls `trainer_kwargs(cfg)`.
 - deepspeed: ZeRO stage 0-3 from `strategy.deepspeed` (a full DeepSpeed config dict; stage 2 when it names none).
   Micro-batch size, gradient accumulation and clipping always come from `train.*`. DeepSpeed on a machine
   without CUDA is refused unless `strategy.accelerator: cpu` opts in (DeepSpeed's CPU accelerator + gloo: tests/CI).
+  Its checkpoint folders are published atomically (AtomicDeepSpeedStrategy).
 - Multi-node: under torchrun or SLURM `srun`, Lightning's cluster environments supply ranks and addresses; the
   node count and processes per node come from the launcher, and a config that disagrees is refused.
 """
@@ -14,21 +15,73 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from lrkv.atomic import atomic_write
 from lrkv.config import Config, ConfigError
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeedStrategy without its CUDA-only guard, for DeepSpeed's CPU accelerator (gloo)."""
+def publish_tag(folder: Path, tag: str) -> None:
+    """Point `folder`/latest at `tag` (atomic replace), then remove the folder's other tags."""
+    atomic_write(folder / "latest", lambda f: f.write(tag.encode()), need=len(tag))
+    for old in folder.iterdir():
+        if old.is_dir() and old.name != tag:
+            shutil.rmtree(old)
+
+
+class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeedStrategy whose checkpoint folders are published atomically.
+
+    DeepSpeed writes <folder>/<tag>/ (every rank its shards) and <folder>/latest, the tag a load reads, in place.
+    Here each save goes into a new tag, and rank 0 points `latest` at it only once every rank has written its
+    shards (a barrier), removing the older tag after that. A kill during a save leaves `latest` on the previous
+    complete tag (last.ckpt is rewritten), or a new step-N.ckpt folder without `latest`, which resume skips.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options is not supported for DeepSpeed checkpoints")
+        folder = Path(self.broadcast(str(filepath)))
+        step = checkpoint["global_step"]
+        tag, n = f"step{step}", 1
+        while self.is_global_zero and (folder / tag).exists():  # saved twice at one step (a signal, then periodic)
+            tag, n = f"step{step}.{n}", n + 1
+        tag = self.broadcast(tag)
+        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.deepspeed_engine.save_checkpoint(folder, client_state=client_state, tag=tag, save_latest=False,
+                                              exclude_frozen_parameters=self.exclude_frozen_parameters)
+        self.barrier("lrkv_checkpoint_written")
+        if self.is_global_zero:
+            publish_tag(folder, tag)
+        self.barrier("lrkv_checkpoint_published")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning's version first insists on a tag folder named "checkpoint"; ours are named by `latest`
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if not (Path(checkpoint_path) / "latest").is_file():
+            raise FileNotFoundError(f"{checkpoint_path}: not a DeepSpeed checkpoint folder (no 'latest' file)")
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        _, client_state = self.deepspeed_engine.load_checkpoint(
+            checkpoint_path, load_optimizer_states=fitting, load_lr_scheduler_states=False,
+            load_module_strict=self.lightning_module.strict_loading)
+        if client_state is None:
+            raise FileNotFoundError(f"{checkpoint_path}: DeepSpeed could not load this checkpoint")
+        return client_state
+
+
+class CPUDeepSpeedStrategy(AtomicDeepSpeedStrategy):
+    """The DeepSpeed strategy without Lightning's CUDA-only guard, for DeepSpeed's CPU accelerator (gloo)."""
 
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "CUDA only" check
@@ -156,7 +209,7 @@ def trainer_kwargs(cfg: Config) -> dict[str, Any]:
         ds = deepspeed_config(cfg)
         if not cuda:
             _use_cpu_deepspeed()
-        cls = DeepSpeedStrategy if cuda else CPUDeepSpeedStrategy
+        cls = AtomicDeepSpeedStrategy if cuda else CPUDeepSpeedStrategy
         strategy = cls(config=ds, process_group_backend=backend)
     elif s.name == "ddp":
         strategy = DDPStrategy(process_group_backend=backend)

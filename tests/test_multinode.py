@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,7 +167,7 @@ def test_deepspeed_zero_on_cpu_trains_resumes_and_exports(tmp_path, stage):
           f"--strategy.deepspeed={{zero_optimization: {{stage: {stage}}}}}", f"--train.ckpt_every={STEPS // 2}"]
     run_train(config, full, *ds)
     half = full / "checkpoints" / f"step-{STEPS // 2:06d}.ckpt"
-    shards = {p.name for p in (half / "checkpoint").iterdir()}
+    shards = {p.name for p in (half / (half / "latest").read_text()).iterdir()}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
 
     resumed = tmp_path / "resumed"  # same tokenizer and data cache; only the checkpoints after half-way dropped
@@ -179,3 +181,61 @@ def test_deepspeed_zero_on_cpu_trains_resumes_and_exports(tmp_path, stage):
         assert own.keys() == exported.keys()
         for name, t in exported.items():
             assert torch.equal(t, own[name]), f"{name}: {run.name}/export differs from the consolidated ZeRO checkpoint"
+
+
+KILL_AT_PUBLISH = '''
+import os, sys, time
+from pathlib import Path
+
+import lrkv.strategy
+import train
+
+publish = lrkv.strategy.publish_tag
+
+
+def hold_at_publish(folder, tag):
+    # every rank has written step 4's shards into last.ckpt; `latest` still names step 2's: be killed here
+    if folder.name == "last.ckpt" and tag == "step4":
+        Path(os.environ["MARKER"]).write_text(tag)
+        time.sleep(600)
+    publish(folder, tag)
+
+
+lrkv.strategy.publish_tag = hold_at_publish
+train.main(sys.argv[1:])
+'''
+
+
+@pytest.mark.slow
+def test_deepspeed_killed_while_publishing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """ZeRO-2 on 2 CPU processes, checkpoints at steps 2 and 4: both processes are SIGKILLed (from this one) after
+    step 4's shards of last.ckpt are on disk but before `latest` names them. last.ckpt still loads as step 2, and
+    the resumed run ends with exactly the uninterrupted run's weights."""
+    config, full, run = tiny_config(tmp_path), tmp_path / "full", tmp_path / "run"
+    ds = ["--strategy.name=deepspeed", "--strategy.accelerator=cpu", "--strategy.devices=2",
+          "--strategy.deepspeed={zero_optimization: {stage: 2}}", f"--train.ckpt_every={STEPS // 2}"]
+    run_train(config, full, *ds)
+
+    script, marker = tmp_path / "probe.py", tmp_path / "marker"
+    script.write_text(KILL_AT_PUBLISH)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "MARKER": str(marker),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), "--config", str(config), f"--run.dir={run}", *ds], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), f"the run never reached step 4's publish (exit code {proc.poll()})"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 0 and the rank-1 process Lightning started
+        proc.wait()
+    last = run / "checkpoints" / "last.ckpt"
+    assert (last / "latest").read_text() == "step2" and (last / "step4").is_dir()  # step 4 written, not published
+
+    out = run_train(config, run, *ds, "--run.resume=auto")
+    assert f"resuming from {last} (step 2)" in out
+    tag = (last / "latest").read_text()  # step4.1: the killed run's unpublished step4 tag is not reused
+    assert tag.startswith("step4") and [p.name for p in last.iterdir() if p.is_dir()] == [tag]  # old tags removed
+    resumed, ref = (load_file(r / "export" / "model.safetensors") for r in (run, full))
+    assert resumed.keys() == ref.keys() and all(torch.equal(resumed[k], ref[k]) for k in ref)
