@@ -506,3 +506,22 @@ def test_memory_plan_matches_allocation_for_every_policy(attn, policy):
     assert host == plan.cpu_bytes
     if policy != "exact":  # the oracle's "state" is every key, which it reads from the store instead
         assert device == plan.gpu_bytes
+
+
+def test_lockstep_rows_equal_their_decoders_stepped_alone():
+    from lrkv.inference.lrqk import Lockstep
+
+    model = build("gqa")
+    idx = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(8))
+    base = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, policy="streaming"))
+    cfgs = [LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy=p) for p in ("lrqk", "h2o", "quest")]
+    with torch.no_grad():
+        base.prefill(idx, keep_prompt=True)
+        alone, together = [base.fork(c) for c in cfgs], Lockstep([base.fork(c) for c in cfgs])
+        tokens = torch.tensor([[5], [6], [7]])
+        for _ in range(5):
+            batched = together.step(tokens)
+            for i, d in enumerate(alone):
+                torch.testing.assert_close(batched[i : i + 1], d.step(tokens[i : i + 1]), rtol=0, atol=1e-5)
+            tokens = batched[:, -1:].argmax(-1)
+    assert [d.stats for d in alone] == [d.stats for d in together.decoders]

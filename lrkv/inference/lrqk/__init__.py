@@ -8,11 +8,11 @@
 """
 
 from lrkv.inference.lrqk.config import POLICIES, PRESETS, LRQKConfig
-from lrkv.inference.lrqk.decoder import LRQKDecoder, LRQKLayer
+from lrkv.inference.lrqk.decoder import Lockstep, LRQKDecoder, LRQKLayer
 from lrkv.inference.lrqk.lowrank import Factors, als_factorize, als_objective, decode_solve, kaczmarz
 from lrkv.inference.lrqk.plan import MemoryPlan, MemoryPlanError, check_fits, free_host_bytes, memory_plan
 from lrkv.inference.lrqk.policies import select_top_k
 
-__all__ = ["POLICIES", "PRESETS", "Factors", "LRQKConfig", "LRQKDecoder", "LRQKLayer", "MemoryPlan", "MemoryPlanError",
+__all__ = ["POLICIES", "PRESETS", "Factors", "Lockstep", "LRQKConfig", "LRQKDecoder", "LRQKLayer", "MemoryPlan", "MemoryPlanError",
            "als_factorize", "als_objective", "check_fits", "decode_solve", "free_host_bytes", "kaczmarz",
            "memory_plan", "select_top_k"]

@@ -379,20 +379,26 @@ class LRQKDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One sparse decode step: tokens (B, 1) -> logits (B, 1, V)."""
+        self._begin_step(tokens)
+        logits = self.model(tokens, cache=self.state)
+        self._end_step()
+        return logits
+
+    def _begin_step(self, tokens: torch.Tensor) -> None:
         if self.state is None:
             raise RuntimeError("LRQKDecoder.step called before prefill")
         if tokens.shape != (self.state.valid.shape[0], 1):
             raise ValueError(f"step expects tokens of shape ({self.state.valid.shape[0]}, 1), got {tuple(tokens.shape)}")
         self.state.ensure(self.length + 1)
         self.state.last_step = {k: 0 for k in STAT_KEYS}
-        logits = self.model(tokens, cache=self.state)
+
+    def _end_step(self) -> None:
         last = {**self.state.last_step, "steps": 1}
         for key in STAT_KEYS:
             self.stats[key] += last[key]
         self.stats["last_step"] = last
         if self.cfg.measure_recall:
             self.stats["recall"] = [sum(layer.recall) / len(layer.recall) for layer in self.state.layers]
-        return logits
 
     def allocated_bytes(self) -> tuple[int, int]:
         """(host, GPU) bytes actually held by the decoder state, counted from its tensors."""
@@ -402,3 +408,46 @@ class LRQKDecoder:
                                                               layer.pool.last_used, *layer.policy.tensors())]
         host, device = (stores, rest) if self.offload else ([], stores + rest)
         return tuple(sum(t.numel() * t.element_size() for t in ts) for ts in (host, device))
+
+
+class Lockstep:
+    """Batch-1 decoders at the same length (e.g. forks of one prefill) stepped as one batch: one model forward per
+    step for all of them, so the weights are read once, while row i attends through decoder i's own layers. Each
+    decoder's outputs and counters are what its own `step` would give (up to batched-matmul rounding)."""
+
+    def __init__(self, decoders: list[LRQKDecoder]):
+        if not decoders or any(d.state is None or d.state.valid.shape[0] != 1 for d in decoders):
+            raise ValueError("Lockstep needs prefilled decoders of batch 1")
+        if len({d.length for d in decoders}) != 1 or len({id(d.model) for d in decoders}) != 1:
+            raise ValueError("Lockstep needs decoders over one model at one length")
+        self.decoders, self.model = decoders, decoders[0].model
+        self.layers = [_LockstepLayer(self, i) for i in range(len(self.model.layers))]
+
+    @property
+    def length(self) -> int:
+        return self.decoders[0].length
+
+    def key_valid(self, valid, batch: int, steps: int, device):
+        for d in self.decoders:
+            d.state.key_valid(None, 1, steps, device)
+        return None
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (len(decoders), 1) -> logits (len(decoders), 1, V)."""
+        for i, d in enumerate(self.decoders):
+            d._begin_step(tokens[i : i + 1])
+        logits = self.model(tokens, cache=self)
+        for d in self.decoders:
+            d._end_step()
+        return logits
+
+
+class _LockstepLayer:
+    def __init__(self, owner: Lockstep, index: int):
+        self.owner, self.index = owner, index
+
+    def attend(self, module, q, kv, key_valid):
+        ys = [d.state.layers[self.index].attend(module, q[i : i + 1], tuple(t[i : i + 1] for t in kv), None)
+              for i, d in enumerate(self.owner.decoders)]
+        return torch.cat(ys, dim=0)
