@@ -277,3 +277,59 @@ def test_training_features_of_a_transformers_causal_lm(tmp_path):
     with torch.no_grad():
         assert hf(x).logits.shape[-1] == 320
         assert torch.equal(load_export(tmp_path / "resized")(x), hf(x).logits)
+
+
+TASKS = {  # lm-evaluation-harness task configs over local files: the three request types it has
+    "lrkv_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]},
+    "lrkv_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+                     "metric_list": [{"metric": "word_perplexity"}]},
+    "lrkv_gen": {"output_type": "generate_until", "doc_to_text": "{{question}}", "doc_to_target": "{{text}}",
+                 "generation_kwargs": {"until": ["\n"], "max_gen_toks": 5, "do_sample": False},
+                 "metric_list": [{"metric": "exact_match"}]},
+}
+DOCS = [{"question": "to be or not", "choices": [" to be", " the question"], "label": 0, "text": "that is the question"},
+        {"question": "that is", "choices": [" the question", " not"], "label": 0, "text": "to be, or not to be"},
+        {"question": "not to", "choices": [" be", " that"], "label": 1, "text": "be or not, that is"}]
+
+
+def test_lm_eval_runs_local_tasks_of_every_request_type(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks ...` on local-file tasks:
+    every loglikelihood, rolling loglikelihood and greedy continuation equals the export's own computation."""
+    pytest.importorskip("lm_eval", reason="lm_eval is not installed")
+    import yaml
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    folder = export(tmp_path, tie=False, tokenizer=True)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    for name, task in TASKS.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+             "test_split": "test", **task}))
+    out = simple_evaluate(model="hf", model_args=f"pretrained={folder},trust_remote_code=True", tasks=list(TASKS),
+                          task_manager=TaskManager(include_path=str(tmp_path)), device="cpu", batch_size=2,
+                          log_samples=True, bootstrap_iters=0)
+    assert all(len(out["samples"][name]) == len(DOCS) for name in TASKS)
+    ref, tok = load_export(folder), AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+
+    def logp(ids):
+        with torch.no_grad():
+            return ref(torch.tensor([ids])).log_softmax(-1)[0]
+
+    for sample in out["samples"]["lrkv_mc"]:  # lm_eval's split: the pair tokenised whole, the context alone
+        for (context, cont), ((score, _),) in zip(sample["arguments"], sample["resps"]):
+            whole, n = tok(context + cont).input_ids, len(tok(context).input_ids)
+            lp = logp(whole)
+            assert abs(score - sum(lp[i - 1, whole[i]].item() for i in range(n, len(whole)))) <= 1e-4
+    for sample in out["samples"]["lrkv_rolling"]:  # every token, the first one predicted from the EOS token
+        ids = [tok.eos_token_id] + tok(sample["doc"]["text"]).input_ids
+        lp = logp(ids)
+        assert abs(sample["resps"][0][0] - sum(lp[i - 1, ids[i]].item() for i in range(1, len(ids)))) <= 1e-4
+    for sample in out["samples"]["lrkv_gen"]:  # greedy, up to 5 tokens, cut at the first newline
+        ids = tok(sample["doc"]["question"]).input_ids
+        for _ in range(5):
+            ids.append(logp(ids)[-1].argmax().item())
+        text = tok.decode(ids[len(tok(sample["doc"]["question"]).input_ids):]).split("\n")[0]
+        assert sample["filtered_resps"][0] == text
