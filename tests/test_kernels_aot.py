@@ -63,3 +63,15 @@ def test_every_kept_config_at_every_shipped_shape():
 def test_sweep_dtypes_head_dims_and_ranks():
     check(compile_rows("--configs", "kept", "--sweep"), {(k, a) for k in KERNELS for a in (80, 90)})
 
+
+
+def test_gpu_check_dry_run_parses_every_step():
+    """scripts/gpu_check.sh --dry-run: prints the plan and checks each command still parses (config overrides
+    resolve, scripts accept their flags, the GPU tests collect), so the one-shot GPU run cannot rot unseen."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHON": sys.executable}
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    steps = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert steps == ["low_precision", "cuda_tests", "kernel_bench", "train_lrkv", "train_mha", "decode_bench"]
+    assert "dry run ok" in out.stdout
