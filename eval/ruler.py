@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from eval.common import markdown_table, plt, save_figure
-from eval.long_context import answer_budget, continue_greedy, encode, make_item, stop_ids, string_match_all
+from eval.long_context import (answer_budget, continue_greedy, corpus_speeches, encode, make_item, stop_ids,
+                               string_match_all)
 from lrkv.export import load_export, load_model_config
 from lrkv.inference.generate import load_tokenizer_file
 from lrkv.inference.lrqk import Lockstep, LRQKConfig, LRQKDecoder, memory_plan
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg.validate(model_cfg.dh)
     tok = load_tokenizer_file(args.export, model_cfg.vocab_size)
     eos = stop_ids(tok, args.export)
+    if "qa" in tasks:
+        corpus_speeches()  # parse the corpus up front, not in the middle of a long run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
