@@ -14,6 +14,7 @@ import datetime
 import errno
 import fcntl
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,13 @@ def _client_state(path: Path) -> dict:
         path = states[0]
     if path.stat().st_size == 0:
         raise DamagedCheckpointError("empty file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end
+        raise DamagedCheckpointError(f"not a complete checkpoint ({path.stat().st_size:,} bytes, no zip index at "
+                                     f"the end: truncated, or another kind of file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated zip (RuntimeError), garbage (UnpicklingError), ...: all mean unreadable
-        raise DamagedCheckpointError(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # a damaged member, a foreign pickle, ...: all mean unreadable
+        raise DamagedCheckpointError(f"unreadable ({type(e).__name__}: {str(e).split('. ')[0][:160]})") from None
 
 
 def inspect_checkpoint(path: Path, cfg: Config) -> Resume:

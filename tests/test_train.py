@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import importlib.util
+import io
 import math
 import os
 import shutil
@@ -193,7 +194,19 @@ def snapshot(folder: Path) -> dict:
             for p in folder.rglob("*")}
 
 
-DAMAGE = {"truncated": lambda b: b[: len(b) // 2], "garbage": lambda b: bytes(range(256)) * 64, "empty": lambda b: b""}
+def _edited(data: bytes, edit) -> bytes:
+    ckpt = torch.load(io.BytesIO(data), weights_only=False)
+    edit(ckpt)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
+
+
+DAMAGE = {"truncated": lambda b: b[: len(b) // 2], "garbage": lambda b: bytes(range(256)) * 64, "empty": lambda b: b"",
+          "not_train_py": lambda b: _edited(b, lambda c: c.pop("hyper_parameters")),
+          "no_loader_position": lambda b: _edited(b, lambda c: c["loops"]["fit_loop"]["state_dict"].pop("combined_loader"))}
+REASON = {"truncated": "not a complete checkpoint", "garbage": "not a complete checkpoint", "empty": "empty file",
+          "not_train_py": "holds no lrkv config", "no_loader_position": "holds no data-loader position"}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -207,7 +220,8 @@ def test_auto_resume_skips_damaged_checkpoints_to_the_newest_good_one(full_run, 
     rec = Record()
     result = train.main(args(corpus, run_dir, "--run.resume=auto"), callbacks=(rec,))
     out = capsys.readouterr().out
-    assert "notice: skipped last.ckpt: " in out and "notice: skipped step-000008.ckpt: " in out
+    for name in ("last.ckpt", "step-000008.ckpt"):
+        assert f"notice: skipped {name}: {REASON[damage]}" in out
     assert f"resuming from {ckpts / 'step-000004.ckpt'} (step 4)" in out
     assert rec.losses == rec_full.losses[8:]  # steps 5-8 exactly as in the uninterrupted run
     done, ref = result["lit"].model.state_dict(), full["lit"].model.state_dict()
@@ -221,7 +235,7 @@ def test_damaged_explicit_checkpoint_is_one_error_and_nothing_changes(full_run, 
     for c in run_dir.glob("checkpoints/step-*"):
         c.write_bytes(b"")
     before = snapshot(run_dir)
-    with pytest.raises(DamagedCheckpointError, match=rf"--run.resume={bad}: unreadable \(RuntimeError: "):
+    with pytest.raises(DamagedCheckpointError, match=rf"--run.resume={bad}: not a complete checkpoint \(1,000 bytes, "):
         train.main(args(corpus, run_dir, f"--run.resume={bad}"))
     with pytest.raises(DamagedCheckpointError, match=r"--run.resume=auto: no usable checkpoint .*step-000004.ckpt: "
                                                      r"empty file"):
