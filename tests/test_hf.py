@@ -293,24 +293,30 @@ DOCS = [{"question": "to be or not", "choices": [" to be", " the question"], "la
         {"question": "not to", "choices": [" be", " that"], "label": 1, "text": "be or not, that is"}]
 
 
-def test_lm_eval_runs_local_tasks_of_every_request_type(tmp_path):
-    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks ...` on local-file tasks:
-    every loglikelihood, rolling loglikelihood and greedy continuation equals the export's own computation."""
+def run_lm_eval(model_dir, tmp_path) -> dict:
+    """simple_evaluate, what the lm_eval command line runs, on TASKS written as YAML files over DOCS."""
     pytest.importorskip("lm_eval", reason="lm_eval is not installed")
     import yaml
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    folder = export(tmp_path, tie=False, tokenizer=True)
-    data = tmp_path / "docs.jsonl"
+    data, tasks = tmp_path / "docs.jsonl", tmp_path / "tasks"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    tasks.mkdir(exist_ok=True)
     for name, task in TASKS.items():
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+        (tasks / f"{name}.yaml").write_text(yaml.safe_dump(
             {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
              "test_split": "test", **task}))
-    out = simple_evaluate(model="hf", model_args=f"pretrained={folder},trust_remote_code=True", tasks=list(TASKS),
-                          task_manager=TaskManager(include_path=str(tmp_path)), device="cpu", batch_size=2,
-                          log_samples=True, bootstrap_iters=0)
+    return simple_evaluate(model="hf", model_args=f"pretrained={model_dir},trust_remote_code=True",
+                           tasks=list(TASKS), task_manager=TaskManager(include_path=str(tasks)), device="cpu",
+                           batch_size=2, log_samples=True, bootstrap_iters=0)
+
+
+def test_lm_eval_runs_local_tasks_of_every_request_type(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True --tasks ...` on local-file tasks:
+    every loglikelihood, rolling loglikelihood and greedy continuation equals the export's own computation."""
+    folder = export(tmp_path, tie=False, tokenizer=True)
+    out = run_lm_eval(folder, tmp_path)
     assert all(len(out["samples"][name]) == len(DOCS) for name in TASKS)
     ref, tok = load_export(folder), AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
@@ -333,3 +339,56 @@ def test_lm_eval_runs_local_tasks_of_every_request_type(tmp_path):
             ids.append(logp(ids)[-1].argmax().item())
         text = tok.decode(ids[len(tok(sample["doc"]["question"]).input_ids):]).split("\n")[0]
         assert sample["filtered_resps"][0] == text
+
+
+def test_hf_trainer_with_gradient_checkpointing_trains_like_without(tmp_path):
+    """transformers' Trainer, gradient_checkpointing=True: the same weights after three steps as without it."""
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    folder = export(tmp_path, tie=False)
+    torch.manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 300, (12, 16))]
+    weights = []
+    for checkpointing in (False, True):
+        hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{checkpointing}"), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, gradient_checkpointing=checkpointing, report_to=[], use_cpu=True,
+                                 save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0)
+        Trainer(model=hf, args=args, train_dataset=rows).train()
+        weights.append(hf.model.state_dict())
+    start = load_export(folder).state_dict()
+    assert any(not torch.equal(weights[0][k], start[k]) for k in start)  # it trained
+    assert all((weights[0][k] - weights[1][k]).abs().max().item() <= 1e-5 for k in start)
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_a_converted_llama_as_transformers_scores_the_original(tmp_path):
+    """The same local tasks on a random Llama through transformers' own LlamaForCausalLM and on its lrkv conversion:
+    every loglikelihood and every generated text agree."""
+    pytest.importorskip("lm_eval", reason="lm_eval is not installed")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lrkv.convert_hf import convert
+
+    tok = AutoTokenizer.from_pretrained(export(tmp_path, tie=False, tokenizer=True), trust_remote_code=True)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            p.normal_(0, 0.08)
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    convert(tmp_path / "llama", tmp_path / "converted")
+    ours, theirs = run_lm_eval(tmp_path / "converted", tmp_path), run_lm_eval(tmp_path / "llama", tmp_path)
+    for name in TASKS:
+        a, b = ours["samples"][name], theirs["samples"][name]
+        assert len(a) == len(b) == len(DOCS)
+        for x, y in zip(a, b):
+            if name == "lrkv_gen":
+                assert x["filtered_resps"] == y["filtered_resps"]
+            else:
+                assert [float(r[0][0] if name == "lrkv_mc" else r[0]) for r in x["resps"]] == \
+                    pytest.approx([float(r[0][0] if name == "lrkv_mc" else r[0]) for r in y["resps"]], abs=1e-4)
