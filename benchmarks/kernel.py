@@ -7,7 +7,9 @@ Columns: time (ms, median of triton.testing.do_bench) and TFLOP/s for forward an
 peak memory a forward+backward allocates beyond its inputs (MiB). FLOP convention (spec lrkv.md §4, the same
 for all three so TFLOP/s ratios are inverse time ratios): attention core only, forward = 4·B·H·T²·D (QK^T and
 PV) halved for causal, forward+backward = 3x forward; the fused kernel's K rebuild (2·T·r·D per tile pass) is
-not counted as useful work.
+not counted as useful work. Beside each measured ratio: the work ratio it should be read against, the fused
+kernels' tensor-core multiply-adds (lrkv_attn.dot_macs, at the tiles the autotuner chose) over FlashAttention-2's
+(forward 2, backward 5 T x T x D products on the visible pairs).
 """
 
 import argparse
@@ -28,6 +30,7 @@ elif not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from lrkv.kernels import lrkv_attn  # noqa: E402
 from lrkv.kernels.lrkv_attn import lrkv_attention_fused  # noqa: E402
 from lrkv.kernels.reference import lrkv_attention as lrkv_attention_reference  # noqa: E402
 from lrkv.model import rope_tables  # noqa: E402
@@ -60,6 +63,15 @@ def methods(B, H, T, D, r, dtype):
         "reference": (lrkv_attention_reference, lrkv, tables),
         "mha_sdpa": (mha_sdpa, mha, []),
     }
+
+
+def work_ratio(B, H, T, D, r):
+    """(fwd, fwd+bwd) tensor-core multiply-adds of the fused kernels, at the configs the autotuner last chose,
+    over FlashAttention-2's."""
+    tiles = {k: (getattr(lrkv_attn, k).best_config.kwargs["BM"], getattr(lrkv_attn, k).best_config.kwargs["BN"])
+             for k in lrkv_attn.TILES}
+    ours, fa2 = lrkv_attn.dot_macs(B, H, T, T, D, r, r, tiles), lrkv_attn.flash_attention2_macs(B, H, T, T, D)
+    return ours["_fwd"] / fa2["fwd"], sum(ours.values()) / (fa2["fwd"] + fa2["bwd"]), tiles
 
 
 def measure(fn, grads_of, rest):
@@ -97,6 +109,8 @@ def benchmark(dtype):
             for name, (fn, grads_of, rest) in methods(B, H, T, D, r, dtype).items():
                 fwd, fwd_bwd, peak = measure(fn, grads_of, rest)
                 times[name] = fwd, fwd_bwd
+                if name == "fused":
+                    work = work_ratio(B, H, T, D, r)
                 print(f"{str((B, H, T, D)):>18} {r:>3} {name:>10} {fwd:8.3f} {fwd_flops / fwd / 1e9:8.1f} "
                       f"{fwd_bwd:8.3f} {3 * fwd_flops / fwd_bwd / 1e9:8.1f} {peak:9.0f}")
                 torch.cuda.empty_cache()
@@ -104,6 +118,8 @@ def benchmark(dtype):
             print(f"{'':>18} {'':>3} ratios: fused fwd+bwd / MHA = {times['fused'][1] / times['mha_sdpa'][1]:.2f} "
                   f"(target <= 1.0); reference fwd / fused fwd = {times['reference'][0] / times['fused'][0]:.2f} "
                   f"(target >= 1.3); per-head K+V would be {kv_mib:.0f} MiB")
+            print(f"{'':>18} {'':>3} work vs FlashAttention-2 (tensor-core MACs): fwd {work[0]:.2f}, fwd+bwd "
+                  f"{work[1]:.2f}; tiles {work[2]}")
 
 
 def cpu_smoke():
@@ -117,7 +133,9 @@ def cpu_smoke():
         outs[name] = [o, *torch.autograd.grad(o.square().sum(), lrkv)]
     for a, b in zip(outs["fused"], outs["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    print("cpu smoke ok: fused forward and 7 gradients match the reference at (B,H,T,D)=(2,2,100,64), r=16")
+    fwd, total, tiles = work_ratio(2, 2, 100, 64, 16)
+    print("cpu smoke ok: fused forward and 7 gradients match the reference at (B,H,T,D)=(2,2,100,64), r=16; "
+          f"work vs FlashAttention-2 at the interpreter's tiles {tiles}: fwd {fwd:.2f}, fwd+bwd {total:.2f}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,30 @@ def test_inside_torch_compile_graph():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.skipif(not lrkv_attn.INTERPRET, reason="counts the interpreter's tl.dot calls")
+@pytest.mark.parametrize("causal", [True, False])
+def test_dot_macs_counts_what_the_kernels_compute(monkeypatch, causal):
+    """The cost model benchmarks/kernel.py prints (lrkv_attn.dot_macs) against the multiply-adds the interpreter
+    executes in tl.dot, forward and backward, with fewer queries than keys and odd lengths."""
+    from triton.runtime import interpreter
+
+    counted = []
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counting(self, a, b, *args):
+        counted.append(a.data.size * b.data.shape[-1])  # (..., M, K) @ (K, N)
+        return create_dot(self, a, b, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting)
+    shape = (2, 2, 77, 150, 64, 24, 48)
+    inputs = make_inputs(*shape)
+    o = lrkv_attn.lrkv_attention_fused(*inputs, causal=causal)
+    fwd, counted[:] = sum(counted), []
+    torch.autograd.grad(o, inputs[:7], torch.ones_like(o))
+    model = lrkv_attn.dot_macs(*shape, {k: (64, 64) for k in lrkv_attn.TILES}, causal)  # the interpreter's tiles
+    assert (fwd, sum(counted)) == (model["_fwd"], model["_bwd_dq"] + model["_bwd_dk"] + model["_bwd_dv"])
+
+
 def train_losses(attn_impl, steps=30):
     cfg = ModelConfig(attn="lrkv", vocab_size=256, n_layer=2, d_model=64, n_head=2, head_dim=32, rank_k=8,
                       rank_v=8, ffn_dim=128, max_seq_len=64, lrkv_b_init="normal", attn_impl=attn_impl)

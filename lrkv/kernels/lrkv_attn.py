@@ -326,6 +326,39 @@ _bwd_dk, _bwd_dv = (triton.autotune(configs=_configs(k), key=KEY, reset_to_zero=
                     for k in ("_bwd_dk", "_bwd_dv"))
 
 
+def dot_macs(B, H, Tq, Tk, D, r_k, r_v, tiles: dict, causal: bool = True) -> dict:
+    """Multiply-adds the kernels' tl.dot calls perform, per kernel, given each kernel's (BM, BN) tiles (e.g. the
+    autotuner's best_config): the loops above counted tile by tile, padded ranks included. Against
+    flash_attention2_macs this is the work ratio a measured time ratio should be read against."""
+    RK, RV, offset = _rank_pad(max(r_k, 1)), _rank_pad(max(r_v, 1)), Tk - Tq
+    out = {}
+    for kernel in ("_fwd", "_bwd_dq"):
+        BM, BN = tiles[kernel]
+        key_tiles = sum(triton.cdiv(min(Tk, (i + 1) * BM + offset) if causal else Tk, BN)
+                        for i in range(triton.cdiv(Tq, BM)))
+        if kernel == "_fwd":  # K rebuild, QK^T, P v_s, P z_v; epilogue acc_z B_v per query tile
+            epilogue = triton.cdiv(Tq, BM) * BM * RV * D
+            out[kernel] = B * H * (key_tiles * BN * (RK * D + 2 * BM * D + BM * RV) + epilogue)
+        else:  # K and V rebuild, QK^T, dO V^T, dS K
+            out[kernel] = B * H * key_tiles * BN * ((RK + RV) * D + 3 * BM * D)
+    # rebuild: K (and V) tiles; loop: QK^T, (dO V^T,) and dK or dV; epilogue: d z = dX B^T and dB = z^T dX
+    for kernel, rebuild, loop_dots, epilogue in (("_bwd_dk", RK + RV, 3, 2 * RK), ("_bwd_dv", RK, 2, 2 * RV)):
+        BM, BN = tiles[kernel]
+        # per key tile: rebuild and epilogue once, then its query tiles from the first that sees a key (as `lo`)
+        first = [max(j * BN - offset, 0) // BM * BM if causal else 0 for j in range(triton.cdiv(Tk, BN))]
+        query_tiles = sum(triton.cdiv(Tq - lo, BM) for lo in first if lo < Tq)
+        per_key_tile = BN * (rebuild + epilogue) * D
+        out[kernel] = B * H * (len(first) * per_key_tile + query_tiles * loop_dots * BM * BN * D)
+    return out
+
+
+def flash_attention2_macs(B, H, Tq, Tk, D, causal: bool = True) -> dict:
+    """FlashAttention-2's multiply-adds on the visible (query, key) pairs only: forward QK^T and PV; backward
+    recomputes QK^T, then dV, dP, dQ and dK."""
+    pairs = sum(min(Tk, i + 1 + Tk - Tq) for i in range(Tq)) if causal else Tq * Tk
+    return {"fwd": 2 * B * H * pairs * D, "bwd": 5 * B * H * pairs * D}
+
+
 def check_fused_supported(q, z_k, z_v) -> None:
     """Raise a ValueError naming the kernel limit a call breaks (the reference takes any shape)."""
     D, r_k, r_v = q.shape[-1], z_k.shape[-1], z_v.shape[-1]
