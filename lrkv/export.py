@@ -48,6 +48,7 @@ from lrkv.tokenizer import EOS
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 # every file an export may write (save_export's own plus convert_hf's extra files): re-exporting replaces these only
+# (configuration_lrkv.py: older exports' remote code, removed by a re-export)
 EXPORT_FILES = {CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME, "tokenizer_config.json", "generation_config.json",
                 "configuration_lrkv.py", "modeling_lrkv.py"}
 # config.json keys that belong to transformers (PretrainedConfig's own and the names LRKVConfig mirrors), not to the

@@ -4,15 +4,15 @@ the Trainer, peft) run it.
 
 This module is also the export's remote code: `lrkv.export` writes it, after lrkv/config.py,
 lrkv/kernels/reference.py and lrkv/model.py, as one standalone `modeling_lrkv.py` (pure torch + transformers), so an
-export loads where the `lrkv` package is not installed. Its `from lrkv...` imports are one line each for that reason.
+export loads where the `lrkv` package is not installed.
 
 - The wrapper holds `lrkv.model.Transformer` under `.model` (`base_model_prefix`), so transformers maps the export's
   names (`embed.weight`, `layers.0...`) onto `model.embed.weight`, ... without renaming files.
 - `generate` keeps lrkv's own per-layer cache (`ModelCache`: the shared k/v and latents, never per-head K/V) inside
   `LRKVCache`, a transformers `Cache`: generate starts it and carries it (called `past_key_values` up to
   transformers 5.23, `cache` from 5.24; both accepted), each step after the prompt feeds only the new token, beam
-  search reorders it and assisted decoding crops it. With `attn_impl: triton` on CUDA and lrkv installed, decode steps run
-  the flash-decoding kernel.
+  search reorders it and assisted decoding crops it. Loaded from this package (not the export's copy) with
+  `attn_impl: triton` on CUDA, decode steps run the flash-decoding kernel.
 - Training through transformers: labels (HF's loss, `num_items_in_batch` included), `inputs_embeds`,
   `output_hidden_states`, gradient checkpointing, `resize_token_embeddings`. Attention is always scaled-dot-product
   (PyTorch SDPA or the fused kernel): `attn_implementation="sdpa"` is what runs; `output_attentions` is refused

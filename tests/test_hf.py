@@ -116,7 +116,8 @@ def test_generate_feeds_one_token_per_step(tmp_path):
     assert lengths == [7, 1, 1]
 
 
-@pytest.mark.parametrize("kwargs, uncached", [({"num_beams": 3}, {"num_beams": 3}), ({"prompt_lookup_num_tokens": 2}, {})],
+@pytest.mark.parametrize("kwargs, uncached",
+                         [({"num_beams": 3}, {"num_beams": 3}), ({"prompt_lookup_num_tokens": 2}, {})],
                          ids=["beam_search_reorders", "prompt_lookup_crops"])
 def test_cache_serves_beam_search_and_candidate_decoding(tmp_path, kwargs, uncached):
     """Beam search (reorder_cache) with the cache gives the beams it gives without one; prompt-lookup decoding
@@ -190,7 +191,8 @@ def test_standalone_remote_code_computes_what_lrkv_model_does(tmp_path, attn):
     """The export's modeling_lrkv.py is generated from the package (so it cannot drift) and, loaded on its own,
     gives lrkv.model.Transformer's logits: full, left-padded, and decoded step by step through its cache."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, n_layer=2, d_model=64, n_head=4, attn=attn, n_kv_head=2 if attn == "gqa" else None,
+    cfg = ModelConfig(vocab_size=300, n_layer=2, d_model=64, n_head=4, attn=attn,
+                      n_kv_head=2 if attn == "gqa" else None,
                       rank_k=6, rank_v=12, mla_kv_rank=32, mla_rope_dim=8, ffn_dim=96, lrkv_b_init="normal",
                       max_seq_len=64, rope_scaling=LLAMA3)
     ref = Transformer(cfg).eval()
@@ -288,7 +290,8 @@ TASKS = {  # lm-evaluation-harness task configs over local files: the three requ
                  "generation_kwargs": {"until": ["\n"], "max_gen_toks": 5, "do_sample": False},
                  "metric_list": [{"metric": "exact_match"}]},
 }
-DOCS = [{"question": "to be or not", "choices": [" to be", " the question"], "label": 0, "text": "that is the question"},
+DOCS = [{"question": "to be or not", "choices": [" to be", " the question"], "label": 0,
+         "text": "that is the question"},
         {"question": "that is", "choices": [" the question", " not"], "label": 0, "text": "to be, or not to be"},
         {"question": "not to", "choices": [" be", " that"], "label": 1, "text": "be or not, that is"}]
 
@@ -352,8 +355,8 @@ def test_hf_trainer_with_gradient_checkpointing_trains_like_without(tmp_path):
     weights = []
     for checkpointing in (False, True):
         hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-        args = TrainingArguments(output_dir=str(tmp_path / f"out{checkpointing}"), max_steps=3, per_device_train_batch_size=4,
-                                 learning_rate=1e-3, gradient_checkpointing=checkpointing, report_to=[], use_cpu=True,
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{checkpointing}"), max_steps=3,
+                                 per_device_train_batch_size=4, learning_rate=1e-3, gradient_checkpointing=checkpointing, report_to=[], use_cpu=True,
                                  save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0)
         Trainer(model=hf, args=args, train_dataset=rows).train()
         weights.append(hf.model.state_dict())
