@@ -65,7 +65,7 @@ def greedy(decoder, idx, valid, steps):
 
 
 @pytest.mark.parametrize("attn, proxy, sinks", [("lrkv", "shared", 0), ("lrkv", "per_head", 2), ("gqa", "shared", 0),
-                                                ("mqa", "shared", 1)])
+                                                ("mqa", "shared", 1), ("gqa", "group", 1), ("mqa", "group", 0)])
 def test_exact_when_top_k_plus_recent_covers_context(attn, proxy, sinks):
     model = build(attn)
     idx, valid = padded_batch([21, 13])
@@ -112,9 +112,10 @@ def scratch_qkv(attn, x, positions):
     return rope(q, cos, sin), rope(k, cos, sin).repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
 
 
-def scratch_sparse_generate(model, idx, steps, top_k, recent, sinks, per_layer_selection):
-    """Exact prefill, then each step attends to sinks + last `recent` tokens + the exact top-k of the older ones
-    (per layer: max over heads of s_h - max s_h; else per head). Independent of lrkv.inference."""
+def scratch_sparse_generate(model, idx, steps, top_k, recent, sinks, heads_per_selection):
+    """Exact prefill, then each step attends to sinks + last `recent` tokens + the exact top-k of the older ones,
+    one selection per `heads_per_selection` consecutive heads (1: per head; H: per layer; the GQA group size:
+    per KV head) by max over those heads of s_h - max s_h. Independent of lrkv.inference."""
     B, T = idx.shape
     kv = [None] * len(model.layers)
     out, tokens, start = [], idx, 0
@@ -135,10 +136,8 @@ def scratch_sparse_generate(model, idx, steps, top_k, recent, sinks, per_layer_s
                 ids = torch.arange(L)
                 cand = (ids >= sinks) & (ids < L - recent)
                 s = s.masked_fill(~cand, float("-inf"))
-                if per_layer_selection:
-                    score = (s - s.amax(-1, keepdim=True)).amax(1, keepdim=True).expand_as(s)
-                else:
-                    score = s
+                shifted = (s - s.amax(-1, keepdim=True)).unflatten(1, (-1, heads_per_selection))
+                score = shifted.amax(2, keepdim=True).expand_as(shifted).flatten(1, 2)
                 mask = torch.zeros(B, block.attn.n_head, L, dtype=torch.bool)
                 top = score.topk(min(top_k, int(cand.sum())), dim=-1).indices
                 mask.scatter_(-1, top, True)
@@ -154,14 +153,15 @@ def scratch_sparse_generate(model, idx, steps, top_k, recent, sinks, per_layer_s
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("attn", ["lrkv", "gqa"])
-def test_oracle_selection_equals_scratch_exact_top_k(attn):
+@pytest.mark.parametrize("attn, proxy", [("lrkv", "shared"), ("gqa", "shared"), ("gqa", "group")])
+def test_oracle_selection_equals_scratch_exact_top_k(attn, proxy):
     model = build(attn)
     idx = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(3))
-    cfg = LRQKConfig(rank=4, top_k=6, recent=5, sinks=2, policy="exact")
+    cfg = LRQKConfig(rank=4, top_k=6, recent=5, sinks=2, policy="exact", proxy=proxy)
     with torch.no_grad():
         ours = greedy(LRQKDecoder(model, cfg), idx, None, 10)
-        ref = scratch_sparse_generate(model, idx, 10, 6, 5, 2, per_layer_selection=attn == "lrkv")
+        ref = scratch_sparse_generate(model, idx, 10, 6, 5, 2, {"lrkv": 4, "shared": 1, "group": 2}[
+            "lrkv" if attn == "lrkv" else proxy])
         full = greedy(FullDecoder(model), idx, None, 10)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     assert (ours[:, -10:] - full[:, -10:]).abs().max() > 1e-3  # the selection really drops keys
@@ -305,7 +305,7 @@ def test_clear_errors():
 
 
 @pytest.mark.parametrize("attn, proxy, offload", [("lrkv", "shared", True), ("lrkv", "per_head", False),
-                                                  ("gqa", "shared", True)])
+                                                  ("gqa", "shared", True), ("gqa", "group", True)])
 def test_memory_plan_matches_allocation_and_independent_count(attn, proxy, offload):
     model = build(attn)
     m = model.cfg
@@ -320,6 +320,8 @@ def test_memory_plan_matches_allocation_and_independent_count(attn, proxy, offlo
     if attn == "lrkv":
         row, store_streams, pool_streams = 2 * D + H * (4 + 6), B, B
         proxies, heads = (B, H) if proxy == "shared" else (B * H, 1)
+    elif proxy == "group":  # 2 KV heads of 2 query heads each: pool, proxies and slots per KV head
+        row, store_streams, pool_streams, proxies, heads = 2 * D, B * 2, B * 2, B * 2, 2
     else:
         row, store_streams, pool_streams, proxies, heads = 2 * D, B * 2, B * H, B * H, 1
     store = 2 * store_streams * ctx * row * 4
@@ -365,13 +367,17 @@ def test_prefill_logits_to_keep_with_sparse_tail():
 POLICY_NAMES = ["lrqk", "exact", "streaming", "h2o", "quest", "loki"]
 
 
-@pytest.mark.parametrize("attn", ["lrkv", "gqa"])
+STREAMS = [("lrkv", "shared"), ("gqa", "shared"), ("gqa", "group")]  # per layer, per query head, per KV head
+
+
+@pytest.mark.parametrize("attn, proxy", STREAMS)
 @pytest.mark.parametrize("policy", POLICY_NAMES)
-def test_every_policy_is_exact_when_the_budget_covers_the_context(attn, policy):
+def test_every_policy_is_exact_when_the_budget_covers_the_context(attn, proxy, policy):
     model = build(attn)
     idx, valid = padded_batch([21, 13])
     full = greedy(FullDecoder(model), idx, valid, 12)
-    sparse = greedy(LRQKDecoder(model, LRQKConfig(rank=4, top_k=40, recent=8, sinks=1, policy=policy)), idx, valid, 12)
+    cfg = LRQKConfig(rank=4, top_k=40, recent=8, sinks=1, policy=policy, proxy=proxy)
+    sparse = greedy(LRQKDecoder(model, cfg), idx, valid, 12)
     torch.testing.assert_close(sparse, full, rtol=0, atol=1e-5)
 
 
@@ -493,11 +499,11 @@ def test_h2o_accumulates_prompt_attention_and_never_brings_back_an_evicted_token
     assert all(len(d) > 0 for d in dropped)
 
 
-@pytest.mark.parametrize("attn", ["lrkv", "gqa"])
+@pytest.mark.parametrize("attn, proxy", STREAMS)
 @pytest.mark.parametrize("policy", POLICY_NAMES)
-def test_memory_plan_matches_allocation_for_every_policy(attn, policy):
+def test_memory_plan_matches_allocation_for_every_policy(attn, proxy, policy):
     model = build(attn)
-    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sinks=1, policy=policy)
+    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sinks=1, policy=policy, proxy=proxy)
     B, ctx = 2, 64
     plan = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx)
     dec = LRQKDecoder(model, cfg, max_context=ctx)

@@ -20,12 +20,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def causal_attention(q, k, v, causal: bool = True, scale: float | None = None,
                      key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA with a bottom-right aligned causal mask. q: (B, H, Tq, E), k: (B, H, Tk, E), v: (B, H, Tk, Ev).
+    """SDPA with a bottom-right aligned causal mask. q: (B, H, Tq, E), k: (B, Hk, Tk, E), v: (B, Hk, Tk, Ev), where
+    Hk = H or a divisor of it (grouped heads: query head h reads key head h // (H / Hk), without repeating K, V).
 
     key_valid (B, Tk) bool masks out keys (left padding in batched generation); each query still sees its own
     position so a padding query's row is never empty (its output is ignored downstream).
     """
     tq, tk = q.shape[-2], k.shape[-2]
+    gqa = k.shape[1] != q.shape[1]
     if key_valid is not None:
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
         if causal:
@@ -33,13 +35,13 @@ def causal_attention(q, k, v, causal: bool = True, scale: float | None = None,
         own = torch.zeros_like(allowed)
         own[torch.arange(tq), torch.arange(tk - tq, tk)] = True
         mask = (allowed & key_valid[:, None, None, :]) | own
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     if not causal or tq == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin) -> None:

@@ -20,7 +20,9 @@ class LRQKConfig:
     prefill_iters: int = 2
     decode_iters: int = 2
     tol: float = 1e-2
-    proxy: str = "shared"  # LRKV: "shared" (spec §7 P1) or "per_head" (P0); mha/gqa/mqa always per query head
+    # LRKV: "shared" (spec §7 P1) or "per_head" (P0). mha/gqa/mqa: per query head as the reference ("shared" or
+    # "per_head"), or "group": one proxy, selection and GPU slot set per KV head (each missing row moves once)
+    proxy: str = "shared"
     gpu_capacity: int | None = None  # resident rows per pool stream; default top_k + recent + sinks
     sparse_query_tail: int = 0  # last N prompt tokens go through the sparse decode path instead of exact prefill
     measure_recall: bool = False  # also compute the exact top-k each step; stats["recall"] per layer
@@ -46,7 +48,8 @@ class LRQKConfig:
             (self.policy in POLICIES, f"policy must be one of {', '.join(POLICIES)}, got '{self.policy}'"),
             (self.prefill_iters >= 0 and self.decode_iters >= 1,
              f"need prefill_iters >= 0 and decode_iters >= 1, got {self.prefill_iters}, {self.decode_iters}"),
-            (self.proxy in ("shared", "per_head"), f"proxy must be 'shared' or 'per_head', got '{self.proxy}'"),
+            (self.proxy in ("shared", "per_head", "group"),
+             f"proxy must be 'shared', 'per_head' or 'group', got '{self.proxy}'"),
             (self.slots >= self.top_k + self.recent + self.sinks,
              f"gpu_capacity {self.gpu_capacity} < top_k + recent + sinks = {self.top_k + self.recent + self.sinks}"),
             (self.sparse_query_tail >= 0, f"sparse_query_tail must be >= 0, got {self.sparse_query_tail}"),

@@ -49,11 +49,12 @@ class LRQKLayer:
         dev, dtype = o.gpu_device, o.dtype
         self.store = RowStore(g["store"], capacity, g["row"], dtype, o.store_device, o.pin)
         self.pool = SlotPool(g["pool"], o.cfg.slots, g["row"], capacity, dtype, dev)
-        heads_per_pool = m.n_head if m.attn != "lrkv" else 1  # gqa: pool stream = (b, h), reads KV head h // group
         pool_ids = torch.arange(g["pool"], device=dev)
-        self.batch_of = pool_ids // heads_per_pool
-        group = m.n_head // m.kv_heads
-        self.store_of = pool_ids if m.attn == "lrkv" else self.batch_of * m.kv_heads + (pool_ids % m.n_head) // group
+        self.batch_of = pool_ids // (g["pool"] // batch)
+        if g["pool"] == g["store"]:  # lrkv (one stream per row) or group-shared gqa (one per KV head)
+            self.store_of = pool_ids
+        else:  # per-query-head gqa: pool stream (b, h) reads KV head h // group
+            self.store_of = self.batch_of * m.kv_heads + (pool_ids % m.n_head) // (m.n_head // m.kv_heads)
         self.device = dev
         self.policy = POLICY_CLASSES[o.cfg.policy](self, capacity)
         self.recall: list[float] = []
@@ -79,10 +80,11 @@ class LRQKLayer:
         return torch.cat((k, v), dim=-1).flatten(0, 1)
 
     def keys_values(self, rows: torch.Tensor, positions: torch.Tensor, values: bool = True):
-        """Rows (pool streams, n, row) at token positions (pool streams, n) -> K, V (B, H, n, D); V None if not asked."""
+        """Rows (pool streams, n, row) at token positions (pool streams, n) -> K, V (B, Hk, n, D) with Hk the key heads
+        of the pool (H, or the KV heads when the pool is group-shared); V None if not asked."""
         mod, B, D, H = self.module, self.batch, self.module.head_dim, self.module.n_head
         if not self.lrkv:
-            k, v = rows.view(B, H, -1, 2 * D).split(D, dim=-1)
+            k, v = rows.view(B, -1, rows.shape[1], 2 * D).split(D, dim=-1)
             return k, v if values else None
         rk, rv = mod.rank_k, mod.rank_v
         k_s, v_s, z_k, z_v = rows.split([D, D, H * rk, H * rv], dim=-1)
@@ -96,7 +98,13 @@ class LRQKLayer:
 
     def proxy_view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, ...) per-head tensor -> (proxies, heads per proxy, ...)."""
-        return x if self.geo["heads"] > 1 else x.flatten(0, 1).unsqueeze(1)
+        return x.reshape(self.geo["proxies"], self.geo["heads"], *x.shape[2:])
+
+    @staticmethod
+    def qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Scores q (B, H, m, D) . k (B, Hk, n, D) -> (B, H, m, n) fp32; query head h reads key head h // (H / Hk)."""
+        B, H = q.shape[:2]
+        return (q.float().unflatten(1, (k.shape[1], -1)) @ k.float()[:, :, None].mT).flatten(1, 2)
 
     def streams(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, ...) per-head tensor -> (pool streams, heads per stream, ...)."""
@@ -128,10 +136,13 @@ class LRQKLayer:
         return y
 
     def prompt_keys_values(self, q, kv, rows):
-        """The prompt's K, V per query head (B, H, T, D)."""
+        """The prompt's K, V in the pool's key-head layout (B, Hk, T, D): per query head, or per KV head when the pool
+        is group-shared (attention then runs grouped, without repeating K and V)."""
         B, H, T, _ = q.shape
         if self.lrkv:
             return self.keys_values(rows, torch.arange(T, device=q.device).expand(B, T))
+        if self.geo["pool"] == self.geo["store"]:
+            return kv
         return tuple(t.repeat_interleave(H // self.module.n_kv_head, dim=1) for t in kv)
 
     def seed(self, q, k, kv, rows):
@@ -197,19 +208,20 @@ class LRQKLayer:
             o.last_step[key] += n
         # exact attention over the active slots
         k, v = self.keys_values(self.pool.slots, self.pool.token.clamp(min=0))
-        mask = self.active.view(B, -1, 1, self.active.shape[1])
+        per_row = self.geo["pool"] // B  # pool streams per batch row: 1 (lrkv), H, or the KV heads (group)
+        mask = self.active.view(B, per_row, 1, -1).repeat_interleave(H // per_row, dim=1)
         if not self.policy.wants_weights:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        weights = ((q @ k.mT) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
-        self.policy.observe(self.streams(weights[:, :, 0].float()).sum(1))
-        return weights @ v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
+        weights = (self.qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
+        self.policy.observe(self.streams(weights[:, :, 0]).sum(1))
+        return (weights.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)
 
     def exact_scores(self, q: torch.Tensor, length: int) -> torch.Tensor:
         """Oracle: true q_h . k_h(j) for every stored token (pool streams, heads, length); gathers the whole store."""
         self.store.ready()
         rows = self.store.rows[self.store_of.to(self.store.rows.device), :length].to(q.device)
         k, _ = self.keys_values(rows, torch.arange(length, device=q.device).expand(len(rows), -1), values=False)
-        return (q.float() @ k.float().mT)[:, :, 0].reshape(self.geo["pool"], -1, length)
+        return self.streams(self.qk(q, k)[:, :, 0])
 
 
 def _recall(top, ok, exact_top, exact_ok) -> float:

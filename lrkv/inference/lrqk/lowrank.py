@@ -39,17 +39,19 @@ def als_factorize(q: torch.Tensor, k: torch.Tensor, k_rec: torch.Tensor, rank: i
 
         min sum_h 1/2 ||Q_h K_h^T - A_Qh A_K^T||^2 + 1/2 ||Q_h - A_Qh B_Qh||^2 + 1/2 ||K_rec - A_K B_K||^2
 
-    q, k: (N, h, l, D) fp32 (post-RoPE queries and the true keys of each head); k_rec: (N, l, D). With h = 1 and
-    k_rec = K this is the reference; Q K^T is never formed. Padding rows must be zero in q, k, k_rec.
+    q: (N, h, l, D), k: (N, h or 1, l, D) fp32 (post-RoPE queries and the true keys of each head, or one key shared
+    by the h heads: GQA's group); k_rec: (N, l, D). With h = 1 and k_rec = K this is the reference; Q K^T is never
+    formed. Padding rows must be zero in q, k, k_rec.
     """
     n, h, l, _ = q.shape
     a_q = torch.randn(n, h, l, rank, generator=generator, device=q.device)
     a_k = torch.randn(n, l, rank, generator=generator, device=q.device)
     for _ in range(iters):
         b_q, b_k = _least_squares(a_q, q), _least_squares(a_k, k_rec)
-        kta = torch.einsum("nhld,nlr->nhdr", k, a_k)
+        kta = k.mT @ a_k[:, None]  # (N, h or 1, D, r)
         new_q = _solve_right(q @ (kta + b_q.mT), (a_k.mT @ a_k)[:, None] + b_q @ b_q.mT)
-        rhs = torch.einsum("nhld,nhdr->nlr", k, q.mT @ new_q) + k_rec @ b_k.mT
+        qa = q.mT @ new_q  # (N, h, D, r)
+        rhs = ((k @ qa).sum(1) if k.shape[1] > 1 else k[:, 0] @ qa.sum(1)) + k_rec @ b_k.mT
         new_k = _solve_right(rhs, (new_q.mT @ new_q).sum(1) + b_k @ b_k.mT)
         delta = max(F.mse_loss(new_q, a_q).item(), F.mse_loss(new_k, a_k).item())
         a_q, a_k = new_q, new_k
@@ -60,7 +62,7 @@ def als_factorize(q: torch.Tensor, k: torch.Tensor, k_rec: torch.Tensor, rank: i
 
 def als_objective(q: torch.Tensor, k: torch.Tensor, k_rec: torch.Tensor, f: Factors) -> torch.Tensor:
     """The ALS objective per problem (N,), forming Q K^T explicitly (for tests on small l)."""
-    scores = (q @ k.mT - f.a_q @ f.a_k[:, None].mT).square().sum((1, 2, 3))
+    scores = (q @ k.mT - f.a_q @ f.a_k[:, None].mT).square().sum((1, 2, 3))  # k (N, 1, ...) broadcasts
     rec_q = (q - f.a_q @ f.b_q).square().sum((1, 2, 3))
     rec_k = (k_rec - f.a_k @ f.b_k).square().sum((1, 2))
     return 0.5 * (scores + rec_q + rec_k)

@@ -48,7 +48,11 @@ def geometry(m: ModelConfig, cfg: LRQKConfig, batch: int) -> dict:
         return dict(pool=batch, store=batch, row=2 * D + H * (m.rank_k + m.rank_v), key_heads=H,
                     key_width=D + H * m.rank_k, proxies=batch if shared else batch * H, heads=H if shared else 1)
     if m.attn in ("mha", "gqa", "mqa"):
-        return dict(pool=batch * H, store=batch * m.kv_heads, row=2 * D, key_heads=1, key_width=D,
+        G = m.kv_heads
+        if cfg.proxy == "group":  # one A_K, selection and slot set per KV head, scored by the group's g query heads
+            return dict(pool=batch * G, store=batch * G, row=2 * D, key_heads=1, key_width=D,
+                        proxies=batch * G, heads=H // G)
+        return dict(pool=batch * H, store=batch * G, row=2 * D, key_heads=1, key_width=D,
                     proxies=batch * H, heads=1)
     raise ValueError(f"LRQK does not support attention '{m.attn}' (supported: lrkv, mha, gqa, mqa)")
 

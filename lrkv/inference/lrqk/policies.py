@@ -81,7 +81,7 @@ class Policy:
 
 class Exact(Policy):
     def prefill(self, q, k, kv, keep):
-        return self.layer.streams((q[:, :, -1:].float() @ k.float().mT)[:, :, 0])
+        return self.layer.streams(self.layer.qk(q[:, :, -1:], k)[:, :, 0])
 
     def step(self, q, k_t, kv, t):
         return self.layer.exact_scores(q, t + 1)
@@ -119,7 +119,7 @@ class H2O(Policy):
         allowed = causal & (keep[:, None, :] > 0)  # (B, T, T): real keys only
         acc = q.new_zeros(B, H, T, dtype=torch.float32)
         for h in range(H):
-            s = (q[:, h].float() @ k[:, h].float().mT) / math.sqrt(D)
+            s = (q[:, h].float() @ k[:, h * k.shape[1] // H].float().mT) / math.sqrt(D)
             p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) * keep[:, :, None]
             acc[:, h] = p.sum(1)
         self.acc[:, :T] = self.layer.streams(acc).sum(1)
@@ -227,12 +227,12 @@ class LRQK(Policy):
         T, D = q.shape[2], q.shape[3]
         w = keep[:, None, :, None]  # padding rows zeroed so they do not shape the fit
         qf, kf = q.float() * w, k.float() * w
-        if lay.geo["heads"] > 1:  # lrkv shared proxy: all heads' true scores against one A_K; B_K rebuilds rope(k_s)
+        if lay.lrkv and lay.geo["heads"] > 1:  # lrkv shared proxy: all heads' true scores vs one A_K; B_K: rope(k_s)
             positions = torch.arange(T, device=q.device)
             k_rec = rope(kv[0], *lay.module.rope(positions, D)).float() * keep[..., None]
             f = als_factorize(qf, kf, k_rec, cfg.rank, cfg.prefill_iters, cfg.tol, lay.owner.generator)
-        else:
-            kf = lay.proxy_view(kf)
+        else:  # one key per proxy: its query head's (per-head) or its KV head's (group-shared)
+            kf = kf.reshape(lay.geo["proxies"], 1, T, D)
             f = als_factorize(lay.proxy_view(qf), kf, kf[:, 0], cfg.rank, cfg.prefill_iters, cfg.tol,
                               lay.owner.generator)
         self.a_k[:, :T] = f.a_k
@@ -244,19 +244,19 @@ class LRQK(Policy):
         # B_Q, B_K, and k̂ as the new A_K row
         lay, cfg = self.layer, self.cfg
         B, H, _, D = q.shape
-        qf, kf = q[:, :, 0].float(), k_t[:, :, 0].float()
-        s_self = (qf * kf).sum(-1)  # (B, H)
+        qf = q[:, :, 0].float()
+        s_self = lay.qk(q, k_t)[:, :, 0, 0]  # (B, H)
         pool = lay.pool
         resident, tokens = pool.token >= 0, pool.token.clamp(min=0)
         k_pool, _ = lay.keys_values(pool.slots, tokens, values=False)
-        s_pool = (q.float() @ k_pool.float().mT)[:, :, 0] * resident.view(B, -1, resident.shape[1])
+        s_pool = lay.streams(lay.qk(q, k_pool)[:, :, 0]) * resident[:, None]  # (pool streams, heads, slots)
         per = self.a_k.shape[0] // tokens.shape[0]  # proxies per pool stream (lrkv per_head: H)
         a_omega = self.a_k.gather(1, tokens.repeat_interleave(per, 0)[..., None].expand(-1, -1, cfg.rank)).float()
         a_omega = a_omega * resident.repeat_interleave(per, 0)[..., None]
-        if lay.geo["heads"] > 1:
+        if lay.lrkv and lay.geo["heads"] > 1:
             k_rec = rope(kv[0][:, 0], *lay.module.rope(torch.full((1,), t, device=q.device), D)).float()
         else:
-            k_rec = kf.flatten(0, 1)
+            k_rec = k_t[:, :, 0].float().reshape(lay.geo["proxies"], D)
         q_p = lay.proxy_view(qf)
         q_hat, k_hat = decode_solve(q_p, lay.proxy_view(s_self), k_rec, lay.proxy_view(s_pool), a_omega,
                                     self.b_q, self.b_k, cfg.decode_iters, cfg.tol)
