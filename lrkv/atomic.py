@@ -30,9 +30,13 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def disk_full_message(path: Path, need: int) -> str:
+def _free(path: Path) -> tuple[Path, int]:
     folder = next(p for p in (Path(path), *Path(path).parents) if p.exists())
-    free = shutil.disk_usage(folder).free
+    return folder, shutil.disk_usage(folder).free
+
+
+def disk_full_message(path: Path, need: int) -> str:
+    folder, free = _free(path)
     return (f"{path}: no space left on the device (needs about {human_bytes(need)}, {human_bytes(free)} free in "
             f"{folder}); free at least {human_bytes(max(need - free, 0) or need)} and try again")
 
@@ -61,6 +65,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], need: int)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
+        # numpy reports a short write as a bare OSError without errno: judge it by the space left
+        if is_disk_full(e) or (isinstance(e, OSError) and e.errno is None and _free(path)[1] < need):
             raise DiskFullError(disk_full_message(path, need)) from None
         raise
