@@ -40,7 +40,7 @@ class GenerateError(ValueError):
 
 
 class ContextLengthWarning(UserWarning):
-    """Prompt + new tokens run past model.max_seq_len: positions the model never saw in training (RoPE extrapolation)."""
+    """Prompt + new tokens run past model.max_seq_len: positions never seen in training (RoPE extrapolation)."""
 
 
 @dataclass
