@@ -6,6 +6,10 @@ Same command on a laptop (CPU, fp32) and on GPU nodes (torchrun / srun start one
 Lightning picks the ranks up from the environment). The run folder gets: config.yaml (resolved), tokenizer.json,
 data/ (tokenized corpus cache), checkpoints/ (step-N.ckpt, last.ckpt), csv/ and tensorboard/ logs,
 loss_curve.png, and export/ (config.json, model.safetensors, tokenizer.json) at the end.
+
+--run.resume=auto continues from the newest readable checkpoint of this run; the schedule (train.max_steps, lr
+and its schedule fields, ckpt/val cadence) may change on resume and is logged in config_changes.log. A start
+that is refused writes nothing; SIGTERM, SIGUSR1 and Ctrl-C save at the next optimizer-step boundary and stop.
 """
 
 from __future__ import annotations
