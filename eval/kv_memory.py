@@ -6,6 +6,10 @@ through a copy of the model with one layer (same d_model, heads, head_dim, ranks
 and a 16-wide MLP) and multiplies the bytes its KVCache holds per token by n_layer. A 2.5B config thus costs
 one attention layer of memory, not the model.
 
+It also prints the LRQK decoder's GPU plan (lrkv.inference.lrqk.memory_plan, bf16, batch 1, the paper preset:
+rank 32, top-k 2048, recent 64) for GQA models the paper evaluates, per query head (the reference) and
+group-shared (one proxy and slot set per KV head), against their full bf16 KV cache.
+
     python -m eval.kv_memory [--out reports/kv_memory]
 """
 
@@ -19,6 +23,7 @@ import torch
 
 from eval.common import VARIANTS, markdown_table, plt, save_figure
 from lrkv.config import CONFIG_DIR, ModelConfig, load_config
+from lrkv.inference.lrqk import LRQKConfig, memory_plan
 from lrkv.info import mha_equivalent
 from lrkv.model import Transformer
 
@@ -62,6 +67,29 @@ def kv_rows(configs: list[tuple[str, ModelConfig]] | None = None) -> list[dict]:
     return rows
 
 
+# Published geometries (config.json of each model): layers, d_model, query heads, KV heads, head_dim, FFN, vocab
+GQA_MODELS = {"Qwen2.5-7B": (28, 3584, 28, 4, 128, 18944, 152064), "Llama-3-8B": (32, 4096, 32, 8, 128, 14336, 128256),
+              "SmolLM2-135M": (30, 576, 9, 3, 64, 1536, 49152)}
+
+
+def lrqk_plan_rows(contexts=(32768, 131072)) -> list[dict]:
+    """GPU bytes of the LRQK decoder (paper preset, bf16, batch 1) per query head and group-shared vs full KV."""
+    rows = []
+    for name, (L, d, H, G, D, ffn, vocab) in GQA_MODELS.items():
+        m = ModelConfig(attn="gqa", n_layer=L, d_model=d, n_head=H, n_kv_head=G, head_dim=D, ffn_dim=ffn,
+                        vocab_size=vocab, max_seq_len=max(contexts))
+        for ctx in contexts:
+            full = ctx * L * G * 2 * D * 2
+            for proxy in ("shared", "group"):
+                plan = memory_plan(m, LRQKConfig.preset("paper", proxy=proxy), 1, ctx, torch.bfloat16)
+                rows.append({"model": name, "context": f"{ctx // 1024}K",
+                             "LRQK proxy": "per query head" if proxy == "shared" else "group (per KV head)",
+                             "GPU GiB": plan.gpu_bytes / 2**30, "of which A_K GiB": plan.detail["policy"] / 2**30,
+                             "full bf16 KV GiB": full / 2**30, "GPU / full": plan.gpu_bytes / full,
+                             "CPU store GiB": plan.cpu_bytes / 2**30})
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.28 * len(rows) + 2.5))
     names = [r["config"] for r in rows]
@@ -90,9 +118,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
-    (out / "kv_memory.md").write_text("# KV cache per token (bf16), measured vs formula\n\n" + table)
+    plan = markdown_table(lrqk_plan_rows())
+    (out / "kv_memory.md").write_text("# KV cache per token (bf16), measured vs formula\n\n" + table
+                                      + "\n## LRQK decoder GPU plan (paper preset, bf16, batch 1)\n\n" + plan)
     plot(rows, out / "kv_memory.png")
-    print(table)
+    print(table + "\n" + plan)
     bad = [r["config"] for r in rows if not r["match"]]
     if bad:
         raise SystemExit(f"measured KV bytes differ from the formula for {bad}")

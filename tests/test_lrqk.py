@@ -531,3 +531,14 @@ def test_lockstep_rows_equal_their_decoders_stepped_alone():
                 torch.testing.assert_close(batched[i : i + 1], d.step(tokens[i : i + 1]), rtol=0, atol=1e-5)
             tokens = batched[:, -1:].argmax(-1)
     assert [d.stats for d in alone] == [d.stats for d in together.decoders]
+
+
+def test_group_shared_plan_is_under_a_quarter_of_full_kv_at_128k():
+    from eval.kv_memory import lrqk_plan_rows
+
+    rows = {(r["model"], r["context"], r["LRQK proxy"]): r for r in lrqk_plan_rows((131072,))}
+    for model in ("Qwen2.5-7B", "Llama-3-8B"):
+        group, per_head = rows[(model, "128K", "group (per KV head)")], rows[(model, "128K", "per query head")]
+        assert group["GPU / full"] <= 0.25 < per_head["GPU / full"] + 0.25  # per head: 0.60 (Llama), 1.05 (Qwen)
+        G, H = (4, 28) if model == "Qwen2.5-7B" else (8, 32)
+        assert group["of which A_K GiB"] == pytest.approx(per_head["of which A_K GiB"] * G / H, rel=1e-3)
