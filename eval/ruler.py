@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 from eval.common import markdown_table, plt, save_figure
-from eval.long_context import (answer_budget, continue_greedy, corpus_speeches, encode, make_item, stop_ids,
-                               string_match_all)
+from eval.long_context import answer_budget, corpus_speeches, encode, make_item, stop_ids, string_match_all
 from lrkv.export import load_export, load_model_config
 from lrkv.inference.generate import load_tokenizer_file
 from lrkv.inference.lrqk import Lockstep, LRQKConfig, LRQKDecoder, memory_plan
@@ -83,7 +82,9 @@ def run_item(base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, m
     one model forward per step). Full attention is a fork that keeps every row resident (tested equal to the model's
     own cache). Per method: (new tokens, stats when its answer ended, decode seconds and batched steps, shared)."""
     logits = base.prefill(torch.tensor([ctx]), keep_prompt=True, logits_to_keep=1)
-    every_row = LRQKConfig(rank=1, top_k=base.max_context, recent=1, policy="streaming")
+    # group-shared slots where the model has KV groups: the same exact attention in a third of the pool memory
+    every_row = LRQKConfig(rank=1, top_k=base.max_context, recent=1, policy="streaming",
+                           proxy="group" if base.model.cfg.attn != "lrkv" else "shared")
     decoders = [base.fork(every_row if cfg is None else cfg) for _, cfg in methods]
     lock, M = Lockstep(decoders), len(methods)
     t0 = time.perf_counter()
@@ -115,8 +116,10 @@ def resident_bytes(model, cfg: LRQKConfig | None, length: int) -> int:
     return memory_plan(model.cfg, cfg, 1, length, torch.bfloat16).gpu_bytes
 
 
-def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log=print) -> list[dict]:
-    """One row per (length, task, method, item): score, generated text, bytes, time."""
+def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log=print,
+             sink: Path | None = None) -> list[dict]:
+    """One row per (length, task, method, item): score, generated text, bytes, time; each item's rows are also
+    appended to `sink` (JSON lines) as soon as they exist, so an interrupted run keeps what it measured."""
     records = []
     for length in lengths:
         for task in tasks:
@@ -146,6 +149,9 @@ def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log
                         rec["recall"] = stats["recall"]
                     records.append(rec)
                     line.append(f"{label} {rec['score']:.0f}")
+                if sink is not None:
+                    with sink.open("a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in records[-len(methods):])
                 log(f"[{length} {task} #{i}] prompt {len(ctx) + len(question)} tok, {time.perf_counter() - t0:.1f} s: "
                     + ", ".join(line), flush=True)
     return records
@@ -219,7 +225,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--recall", action="store_true", help="also measure recall@k of each policy vs exact top-k")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default="reports/ruler")
+    ap.add_argument("--report-only", nargs="+", metavar="RECORDS",
+                    help="no run: write the report from records.jsonl files of earlier (e.g. parallel) runs")
     args = ap.parse_args(argv)
+    if args.report_only:
+        records = [json.loads(line) for p in args.report_only for line in Path(p).read_text().splitlines() if line]
+        specs = list(dict.fromkeys(r["method"] for r in records))
+        return write_report(records, specs, Path(args.out), f"records from {', '.join(args.report_only)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = {"rank": args.rank, "recent": args.recent, "sinks": args.sinks, "measure_recall": args.recall}
@@ -240,20 +252,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         corpus_speeches()  # parse the corpus up front, not in the middle of a long run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "records.jsonl").unlink(missing_ok=True)
     t0 = time.time()
     records = evaluate(model, tok, model_cfg, tasks, [int(x) for x in args.lengths.split(",")], args.n, methods, eos,
-                       args.seed)
+                       args.seed, sink=out / "records.jsonl")
     wall = time.time() - t0
     settings = {label: (dataclasses.asdict(cfg) if cfg else "full") for label, cfg in methods}
-    (out / "ruler.json").write_text(json.dumps({"settings": settings, "records": records, "wall_s": wall}, indent=1))
+    (out / "settings.json").write_text(json.dumps(settings, indent=1))
+    return write_report(records, specs, out, f"`{args.export}`, budget {args.budget} rows/step (sinks {args.sinks}, "
+                                             f"recent {args.recent}), rank {args.rank}, wall {wall / 60:.1f} min")
+
+
+def write_report(records: list[dict], specs: list[str], out: Path, about: str) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
     plot(records, specs, out / "ruler_accuracy.png")
-    report = (f"# RULER-style suite on `{args.export}`\n\nbudget {args.budget} rows/step (sinks {args.sinks}, recent "
-              f"{args.recent}), rank {args.rank}, n = {args.n} per cell, wall {wall / 60:.1f} min\n\n"
-              + tables(records, specs) + "\n![accuracy](ruler_accuracy.png)\n")
+    report = (f"# RULER-style suite\n\n{about}\n\n" + tables(records, specs) + "\n![accuracy](ruler_accuracy.png)\n")
     (out / "ruler.md").write_text(report)
     print(report)
     return records
-
 
 if __name__ == "__main__":
     main()

@@ -541,4 +541,5 @@ def test_group_shared_plan_is_under_a_quarter_of_full_kv_at_128k():
         group, per_head = rows[(model, "128K", "group (per KV head)")], rows[(model, "128K", "per query head")]
         assert group["GPU / full"] <= 0.25 < per_head["GPU / full"] + 0.25  # per head: 0.60 (Llama), 1.05 (Qwen)
         G, H = (4, 28) if model == "Qwen2.5-7B" else (8, 32)
-        assert group["of which A_K GiB"] == pytest.approx(per_head["of which A_K GiB"] * G / H, rel=1e-3)
+        # A_K (the part that grows with the context) is stored once per KV head instead of once per query head
+        assert group["of which A_K GiB"] == pytest.approx(per_head["of which A_K GiB"] * G / H, rel=0.02)
