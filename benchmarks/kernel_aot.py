@@ -5,7 +5,8 @@
     python benchmarks/kernel_aot.py --sweep          # bf16 + fp16, D 64/128, ranks 16/32/64 and 24/48
 
 One markdown row per kernel x arch x dtype x shape x config: registers, spill stores/loads (bytes, ptxas -v),
-shared memory (KiB, Triton's metadata), scalar int32 pointer offsets (base offsets that could overflow),
+shared memory (KiB, Triton's metadata), scalar int32 pointer offsets (base offsets that could overflow), 2-byte
+global loads (an operand the compiler cannot prove aligned, read outside the async-copy pipeline),
 whether the op's per-target pruning keeps the config and whether it fits (zero spills, shared memory within the
 target's per-block limit). Training kernels are compiled at B 8, H 32, T 4096 in the model's strided layout;
 decode over a 4096-token cache for 1 and 16 new queries, with and without a padding mask. Compiles run one
@@ -68,8 +69,8 @@ def main():
     shapes = cli.shape or (SWEEP if cli.sweep else SHIPPED)
     if not cli.json:
         print("| kernel | arch | dtype | D | r_k/r_v | config | kept | registers | spill st/ld (B) | shared (KiB) "
-              "| i32 offsets | fits |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| i32 offsets | 2-byte loads | fits |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     t0, bad = time.perf_counter(), 0
     for dname, (D, rk, rv), r in rows(cli.arch, dtypes, shapes, cli.configs, cli.kernels):
         bad += r.kept and not r.fits
@@ -78,7 +79,7 @@ def main():
             continue
         print(f"| {r.kernel} | sm_{r.arch} | {dname} | {D} | {rk}/{rv} | {r.config} | {'yes' if r.kept else 'no'} | "
               f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.shared / 1024:.0f} | {len(r.i32_offsets)} | "
-              f"{'yes' if r.fits else '**no**'} |", flush=True)
+              f"{r.two_byte_loads} | {'yes' if r.fits else '**no**'} |", flush=True)
     print(f"{bad} kept config(s) spill or exceed shared memory; {time.perf_counter() - t0:.0f} s",
           file=sys.stderr if cli.json else sys.stdout)
     return 1 if bad else 0

@@ -67,6 +67,7 @@ class Report:
     spill_loads: int
     shared: int  # bytes
     i32_offsets: list[str]  # scalar int32 offsets added to a pointer (see int32_pointer_offsets)
+    two_byte_loads: int  # 2-byte global loads in the PTX: an operand whose alignment the compiler cannot see
 
     @property
     def fits(self) -> bool:
@@ -216,5 +217,6 @@ def report(launch: Launch, arch: int, which: str = "all") -> list[Report]:
     for name, kept_, config in runs:
         compiled, regs, stores, loads = compile_launch(launch, arch, config)
         out.append(Report(launch.name, arch, name, kept_, regs, stores, loads, compiled.metadata.shared,
-                          int32_pointer_offsets(compiled.asm["ttir"])))
+                          int32_pointer_offsets(compiled.asm["ttir"]),
+                          len(re.findall(r"ld\.global[.\w]*\.[bu]16 ", compiled.asm["ptx"]))))
     return out

@@ -41,14 +41,15 @@ def _pow2(n: int) -> int:
 def _decode_partials_kernel(
     q_ptr, ks_ptr, vs_ptr, zk_ptr, zv_ptr, bk_ptr, cos_ptr, sin_ptr, valid_ptr,
     m_ptr, l_ptr, accs_ptr, accz_ptr,
-    n_head, n_q, n_k, rank_k, rank_v, half, qk_scale,
+    n_head, n_q, n_k, half, qk_scale,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kt, stride_vb, stride_vt,
     stride_zkb, stride_zkt, stride_zkh, stride_zvb, stride_zvt, stride_zvh,
     stride_bkh, stride_bkr, stride_ct, stride_validb,
     HAS_VALID: tl.constexpr, HAS_ZK: tl.constexpr, HAS_ZV: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, ZK_ALIGN: tl.constexpr, ZV_ALIGN: tl.constexpr,
+    rank_k: tl.constexpr, rank_v: tl.constexpr,  # model constants: rank masks fold, so loads vectorize
 ):
     b = tl.program_id(0).to(tl.int64)  # batch offsets of a long cache overflow int32
     split = tl.program_id(1)
@@ -90,7 +91,9 @@ def _decode_partials_kernel(
         k1 = ks1.to(tl.float32)  # kept in the input dtype across heads to save registers
         k2 = ks2.to(tl.float32)
         if HAS_ZK:
-            zk = tl.load(zk_ptr + b * stride_zkb + offs_n[:, None] * stride_zkt + h * stride_zkh + offs_rk[None, :],
+            # alignment hints (see lrkv_attn._latent_rows): a rank-24 head stride hides it from the compiler
+            zk_rows = zk_ptr + tl.multiple_of(b * stride_zkb + h * stride_zkh, ZK_ALIGN)
+            zk = tl.load(zk_rows + offs_n[:, None] * tl.multiple_of(stride_zkt, ZK_ALIGN) + offs_rk[None, :],
                          mask=n_ok[:, None] & rk_ok[None, :], other=0.0)
             bk_rows = bk_ptr + h * stride_bkh + offs_rk[:, None] * stride_bkr + offs_d[None, :]
             rd_mask = rk_ok[:, None] & d_ok[None, :]
@@ -117,7 +120,8 @@ def _decode_partials_kernel(
         tl.store(acc_rows, acc1, mask=qd_mask)
         tl.store(acc_rows + half, acc2, mask=qd_mask)
         if HAS_ZV:
-            zv = tl.load(zv_ptr + b * stride_zvb + offs_n[:, None] * stride_zvt + h * stride_zvh + offs_rv[None, :],
+            zv_rows = zv_ptr + tl.multiple_of(b * stride_zvb + h * stride_zvh, ZV_ALIGN)
+            zv = tl.load(zv_rows + offs_n[:, None] * tl.multiple_of(stride_zvt, ZV_ALIGN) + offs_rv[None, :],
                          mask=n_ok[:, None] & rv_ok[None, :], other=0.0)
             accz = tl.dot(pv, zv, input_precision="ieee")
             tl.store(accz_ptr + row[:, None] * rank_v + offs_rv[None, :], accz, mask=q_ok[:, None] & rv_ok[None, :])
@@ -168,7 +172,7 @@ def decode_partials(q, k_s, v_s, z_k, z_v, b_k, cos, sin, key_valid: torch.Tenso
     _decode_partials_kernel[(B, S)](
         q, k_s, v_s, z_k, z_v, b_k, cos, sin, valid,
         out.m, out.l, out.acc_s, out.acc_z,
-        H, Tq, Tk, rank_k, rank_v, D // 2, scale * LOG2E,
+        H, Tq, Tk, D // 2, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_s.stride(0), k_s.stride(1), v_s.stride(0), v_s.stride(1),
         z_k.stride(0), z_k.stride(1), z_k.stride(2), z_v.stride(0), z_v.stride(1), z_v.stride(2),
@@ -176,6 +180,8 @@ def decode_partials(q, k_s, v_s, z_k, z_v, b_k, cos, sin, key_valid: torch.Tenso
         HAS_VALID=key_valid is not None, HAS_ZK=rank_k > 0, HAS_ZV=rank_v > 0,
         BLOCK_Q=_pow2(Tq), BLOCK_N=block_n, BLOCK_HALF=block_half,
         BLOCK_RK=_pow2(rank_k), BLOCK_RV=_pow2(rank_v),
+        ZK_ALIGN=math.gcd(16, *z_k.stride()[:3]), ZV_ALIGN=math.gcd(16, *z_v.stride()[:3]),  # as lrkv_attn
+        rank_k=rank_k, rank_v=rank_v,
         num_warps=_num_warps(D),
     )
     return out

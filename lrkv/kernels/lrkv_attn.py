@@ -129,6 +129,14 @@ def _value_tile(vs_ptr, svs_t, zv_ptr, szv_t, bv_ptr, rows, row_ok, D: tl.conste
 
 
 @triton.jit
+def _latent_rows(Z, b, h, sz_b, sz_h, sz_t, ALIGN: tl.constexpr):
+    """Head h's latent rows of batch row b and their row stride, with the alignment (in elements) the launcher
+    proved: a head stride like rank 24 carries no divisibility the JIT can see, and unhinted the loads fall
+    back to 2-byte reads outside the async-copy pipeline."""
+    return Z + tl.multiple_of(b * sz_b + h * sz_h, ALIGN), tl.multiple_of(sz_t, ALIGN)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, n_ok, offset, CAUSAL: tl.constexpr):
     """(BM, BN) mask of visible scores: key in range and (causal) key <= query position + offset. Query rows
     past Tq are left visible: they load q = dO = 0, stay finite and are never stored."""
@@ -144,7 +152,8 @@ def _fwd(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, LSE,
          sq_b, sq_h, sq_t, sks_b, sks_t, svs_b, svs_t, szk_b, szk_h, szk_t, szv_b, szv_h, szv_t,
          H, Tq, Tk, T_BUCKET, qk_scale,
          D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
-         CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+         CAUSAL: tl.constexpr, ZK_ALIGN: tl.constexpr, ZV_ALIGN: tl.constexpr, BM: tl.constexpr,
+         BN: tl.constexpr):
     HD: tl.constexpr = D // 2
     # int64 (b, h): per-batch and per-head base offsets pass 2^31 elements at B 16, T 64K, H 18, D 128
     bh, pid_m = tl.program_id(0).to(tl.int64), tl.cdiv(Tq, BM) - 1 - tl.program_id(1)  # causal: longest first
@@ -156,7 +165,8 @@ def _fwd(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, LSE,
     q1 = _tile(q_ptr, sq_t, offs_m, m_ok, HD, HD)
     q2 = _tile(q_ptr + HD, sq_t, offs_m, m_ok, HD, HD)
     ks_ptr, vs_ptr = KS + b * sks_b, VS + b * svs_b
-    zk_ptr, zv_ptr = ZK + b * szk_b + h * szk_h, ZV + b * szv_b + h * szv_h
+    zk_ptr, szk_t = _latent_rows(ZK, b, h, szk_b, szk_h, szk_t, ZK_ALIGN)
+    zv_ptr, szv_t = _latent_rows(ZV, b, h, szv_b, szv_h, szv_t, ZV_ALIGN)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -191,7 +201,8 @@ def _bwd_dq(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, DO, LSE, DELTA, DQ,
             sq_b, sq_h, sq_t, sks_b, sks_t, svs_b, svs_t, szk_b, szk_h, szk_t, szv_b, szv_h, szv_t,
             H, Tq, Tk, T_BUCKET, qk_scale, sm_scale,
             D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
-            CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+            CAUSAL: tl.constexpr, ZK_ALIGN: tl.constexpr, ZV_ALIGN: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr):
     HD: tl.constexpr = D // 2
     # int64 (b, h): per-batch and per-head base offsets pass 2^31 elements at B 16, T 64K, H 18, D 128
     bh, pid_m = tl.program_id(0).to(tl.int64), tl.cdiv(Tq, BM) - 1 - tl.program_id(1)  # causal: longest first
@@ -208,7 +219,8 @@ def _bwd_dq(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, O, DO, LSE, DELTA, DQ,
     tl.store(DELTA + bh * Tq + offs_m, delta, mask=m_ok)
     lse = tl.load(LSE + bh * Tq + offs_m, mask=m_ok, other=0.0)
     ks_ptr, vs_ptr = KS + b * sks_b, VS + b * svs_b
-    zk_ptr, zv_ptr = ZK + b * szk_b + h * szk_h, ZV + b * szv_b + h * szv_h
+    zk_ptr, szk_t = _latent_rows(ZK, b, h, szk_b, szk_h, szk_t, ZK_ALIGN)
+    zv_ptr, szv_t = _latent_rows(ZV, b, h, szv_b, szv_h, szv_t, ZV_ALIGN)
 
     dq1 = tl.zeros([BM, HD], tl.float32)
     dq2 = tl.zeros([BM, HD], tl.float32)
@@ -234,7 +246,8 @@ def _bwd_kv(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, DO, LSE, DELTA, DXS, DZ, DB, ST
             sq_b, sq_h, sq_t, sks_b, sks_t, svs_b, svs_t, szk_b, szk_h, szk_t, szv_b, szv_h, szv_t,
             B, H, Tq, Tk, T_BUCKET, qk_scale, sm_scale,
             D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
-            CAUSAL: tl.constexpr, DK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+            CAUSAL: tl.constexpr, ZK_ALIGN: tl.constexpr, ZV_ALIGN: tl.constexpr, DK: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr):
     """One key-side backward pass: DK selects d k_s / d z_k / d b_k (else the value side). The passes are
     separate kernels so each holds one fp32 (BN, D) accumulator across its query loop, not two (the fused
     dK+dV loop spilled in every config at D 128, r 64); the price is S^T recomputed in each pass."""
@@ -249,7 +262,8 @@ def _bwd_kv(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, DO, LSE, DELTA, DXS, DZ, DB, ST
     hd, d = tl.arange(0, HD), tl.arange(0, D)
     lo = tl.maximum(pid_n * BN - offset, 0) // BM * BM if CAUSAL else 0  # earlier query tiles see none of these keys
     ks_ptr, vs_ptr = KS + b * sks_b, VS + b * svs_b
-    zk_ptr, zv_ptr = ZK + b * szk_b + h * szk_h, ZV + b * szv_b + h * szv_h
+    zk_ptr, szk_t = _latent_rows(ZK, b, h, szk_b, szk_h, szk_t, ZK_ALIGN)
+    zv_ptr, szv_t = _latent_rows(ZV, b, h, szv_b, szv_h, szv_t, ZV_ALIGN)
     bk_ptr, bv_ptr = BK + h * RK * D, BV + h * RV * D
     k1, k2 = _key_tile(ks_ptr, sks_t, zk_ptr, szk_t, bk_ptr, COS, SIN, offs_n, n_ok, D, RK, RKP)
     k1, k2 = k1.to(Q.dtype.element_ty), k2.to(Q.dtype.element_ty)
@@ -395,9 +409,14 @@ def _strides(q, k_s, v_s, z_k, z_v):
     return (*q.stride()[:3], *k_s.stride()[:2], *v_s.stride()[:2], *z_k.stride()[:3], *z_v.stride()[:3])
 
 
+def _alignment(z):
+    """The largest power of two <= 16 dividing z's batch, head and row strides (elements)."""
+    return math.gcd(16, *z.stride()[:3])
+
+
 def _meta(q, k_s, z_k, z_v, causal):
     return dict(D=q.shape[-1], RK=z_k.shape[-1], RV=z_v.shape[-1], RKP=_rank_pad(z_k.shape[-1]),
-                RVP=_rank_pad(z_v.shape[-1]), CAUSAL=causal)
+                RVP=_rank_pad(z_v.shape[-1]), CAUSAL=causal, ZK_ALIGN=_alignment(z_k), ZV_ALIGN=_alignment(z_v))
 
 
 def launch_fwd(q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor, z_v: torch.Tensor,

@@ -157,8 +157,7 @@ class LRQKLayer:
         self.policy.chosen(top, top_ok, cand)
         fresh = torch.cat((sinks, recent, top), dim=1)
         fresh_ok = torch.cat((sinks_ok, recent_ok, top_ok), dim=1)
-        pool_rows = rows[self.store_of]
-        fresh_rows = pool_rows.gather(1, fresh.clamp(min=0)[..., None].expand(-1, -1, pool_rows.shape[-1]))
+        fresh_rows = rows[self.store_of[:, None], fresh.clamp(min=0)]  # only the seeded rows, not pool x T
         none = fresh[:, :0]
         self.active, _ = self.pool.update(none, none.bool(), 0, fresh, fresh_ok, fresh_rows, self.store,
                                           self.store_of, self.owner.h2d)
