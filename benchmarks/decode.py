@@ -3,15 +3,21 @@
     python benchmarks/decode.py                              # CPU: lrkv_debug shape, contexts 1K..8K
     python benchmarks/decode.py --device cuda --batch 8      # GPU: lrkv_125m shape, contexts 4K..128K
     python benchmarks/decode.py --device cuda --hf-export DIR --text book.txt   # converted Llama/Qwen2 export
+    python benchmarks/decode.py --hf-export DIR --transformers FILE.gguf --policies lrqk,exact,quest,loki,h2o,streaming \
+        --contexts 1024,4096,8192      # a real model: transformers' own cache vs lrkv full vs every selection policy
 
 Rows: MHA-full (the config's body with attn=mha), LRKV-full (the model's own cache) and LRKV-LRQK (offloaded
 LRQK decoder) on random weights (LRKV B matrices drawn normal, so the residual keys are live), or, with
---hf-export, that model with its full cache (where it fits) and with LRQK. Each case: prefill a random prompt
+--hf-export, that model with its full cache (where it fits) and with each `--policies` selection policy
+(`--proxy group`: one selection per KV head); `--transformers` adds the same model in transformers itself
+(a Hugging Face folder or a .gguf, dequantised), decoding with its DynamicCache exactly as `generate` does per step
+(one forward of the new token with past_key_values). Each case: prefill a random prompt
 (or --text, tokenized and repeated) of the context length, `--warmup` untimed decode steps, then `--steps`
 timed ones (median step time). "dev KV" is what the decoder keeps on the accelerator (full: the cache; LRQK:
 slot pool, proxy factors, maps), "host KV" the LRQK row store; on a CPU run both live in host memory and the
 columns say what a GPU would hold. Random weights give near-uniform attention, so their hit rates are not a
-quality measure. "x base" is tok/s relative to the first row of the same context (MHA-full or the export's full).
+quality measure. "x base" is tok/s relative to the first row of the same context (MHA-full, transformers, or the
+export's full).
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, help="LRQK top-k (default 256 cpu, 2048 cuda)")
     p.add_argument("--recent", type=int, help="LRQK recent window (default 64)")
     p.add_argument("--sinks", type=int, default=0)
+    p.add_argument("--policies", default="lrqk", help="comma list of LRQK selection policies to time (lrqk, exact, "
+                                                      "streaming, h2o, quest, loki)")
+    p.add_argument("--proxy", default="shared", help="LRQKConfig.proxy: shared (lrkv) / per query head, or group")
+    p.add_argument("--transformers", help="with --hf-export: also time this HF folder or .gguf in transformers")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on cpu: a small model's decode step is "
                                                  "latency-bound, and one thread keeps timings steady on a shared "
                                                  "machine; torch's default on cuda)")
@@ -64,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda: CUDA is not available on this machine")
     if args.text and not args.hf_export:
         p.error("--text needs --hf-export (random-weight models are fed random ids)")
+    if args.transformers and not args.hf_export:
+        p.error("--transformers needs --hf-export (the same model converted)")
     gpu = args.device == "cuda"
     args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     args.steps = args.steps or (32 if gpu else 16)
@@ -76,7 +88,7 @@ def lrqk_config(args: argparse.Namespace, head_dim: int) -> LRQKConfig:
     rank, top_k, recent = PRESETS[args.lrqk_preset] if args.lrqk_preset else (
         max(head_dim // 4, 1), 2048 if args.device == "cuda" else 256, 64)
     return LRQKConfig(rank=args.rank or rank, top_k=args.top_k or top_k, recent=args.recent or recent,
-                      sinks=args.sinks)
+                      sinks=args.sinks, proxy=args.proxy)
 
 
 def random_model(cfg: ModelConfig, args: argparse.Namespace) -> Transformer:
@@ -90,15 +102,45 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(model: Transformer, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor,
+class TransformersDecoder:
+    """A transformers causal LM behind the prefill/step API, with its own DynamicCache (generate's per-step work)."""
+
+    def __init__(self, model):
+        self.model, self.past, self.stats = model, None, {"hits": 0, "selections": 0, "bytes_moved": 0}
+
+    @torch.no_grad()
+    def prefill(self, idx, logits_to_keep=1):
+        from transformers import DynamicCache
+
+        self.past = DynamicCache()
+        return self.model(idx, past_key_values=self.past, use_cache=True, logits_to_keep=logits_to_keep).logits
+
+    @torch.no_grad()
+    def step(self, tokens):
+        return self.model(tokens, past_key_values=self.past, use_cache=True).logits
+
+
+def load_transformers(path: str, args: argparse.Namespace):
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
+    model = AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=args.dtype, **kw)
+    return model.to(args.device).eval()
+
+
+def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor,
              args: argparse.Namespace) -> dict:
-    """Prefill tokens[:, :ctx], then warmup + timed decode steps feeding tokens[:, ctx:]; the row's numbers."""
+    """Prefill tokens[:, :ctx], then warmup + timed decode steps feeding tokens[:, ctx:]; the row's numbers.
+    cache: "transformers", "full", or an LRQK policy name."""
     total = args.warmup + args.steps
-    if cache == "full":
+    if cache == "transformers":
+        decoder = TransformersDecoder(model)
+    elif cache == "full":
         decoder = FullDecoder(model)
     else:
-        decoder = LRQKDecoder(model, lrqk, gpu_device=args.device, pin_memory=args.device == "cuda",
-                              max_context=ctx + total)
+        decoder = LRQKDecoder(model, dataclasses.replace(lrqk, policy=cache), gpu_device=args.device,
+                              pin_memory=args.device == "cuda", max_context=ctx + total)
     start = time.perf_counter()
     decoder.prefill(tokens[:, :ctx], logits_to_keep=1)
     sync(args.device)
@@ -115,7 +157,9 @@ def run_case(model: Transformer, cache: str, lrqk: LRQKConfig, ctx: int, tokens:
         times.append(time.perf_counter() - start)
     step_s = sorted(times)[len(times) // 2]  # median: robust to a busy shared machine
     moved = {k: decoder.stats[k] - before[k] for k in ("hits", "selections", "bytes_moved")}
-    if cache == "full":
+    if cache == "transformers":
+        host, dev = 0, sum(t.numel() * t.element_size() for layer in decoder.past.layers for t in (layer.keys, layer.values))
+    elif cache == "full":
         row_bytes = sum(layer.bytes_per_token() for layer in decoder.cache.layers)
         host, dev = 0, row_bytes * decoder.cache.length * args.batch
     else:
@@ -125,9 +169,9 @@ def run_case(model: Transformer, cache: str, lrqk: LRQKConfig, ctx: int, tokens:
                 hit=moved["hits"] / moved["selections"] if moved["selections"] else None)
 
 
-def full_fits(model: Transformer, ctx: int, args: argparse.Namespace) -> str | None:
+def full_fits(model, ctx: int, args: argparse.Namespace) -> str | None:
     """None if a full cache of this context fits the free GPU memory, else why not (CPU runs always try)."""
-    if args.device != "cuda":
+    if args.device != "cuda" or not isinstance(model, Transformer):
         return None
     need = model.kv_bytes_per_token(torch.empty((), dtype=args.dtype).element_size()) * (ctx + 64) * args.batch
     free, _ = torch.cuda.mem_get_info()
@@ -137,7 +181,7 @@ def full_fits(model: Transformer, ctx: int, args: argparse.Namespace) -> str | N
 def measure(label: str, model: Transformer, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor,
             args: argparse.Namespace) -> dict:
     row = dict(ctx=ctx, model=label, cache=cache)
-    why = full_fits(model, ctx, args) if cache == "full" else None
+    why = full_fits(model, ctx, args) if cache in ("full", "transformers") else None
     if why:
         return {**row, "skip": why}
     try:
@@ -196,14 +240,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.hf_export:
         hf = load_export(args.hf_export, device=args.device, dtype=args.dtype)
-        models = [("hf", hf, "full"), ("hf", hf, "lrqk")]
+        models = [("hf", hf, "full")] + [("hf", hf, policy) for policy in args.policies.split(",")]
+        if args.transformers:
+            models.insert(0, ("transformers", load_transformers(args.transformers, args), "transformers"))
         cfgs = {f"hf ({args.hf_export})": (hf.cfg, hf)}
     else:
         name = args.config or ("lrkv_125m.yaml" if args.device == "cuda" else "lrkv_debug.yaml")
         lrkv_cfg = dataclasses.replace(load_config(name).model, lrkv_b_init="normal")
         mha_cfg = dataclasses.replace(lrkv_cfg, attn="mha", n_kv_head=None)
         mha, lrkv = random_model(mha_cfg, args), random_model(lrkv_cfg, args)
-        models = [("MHA", mha, "full"), ("LRKV", lrkv, "full"), ("LRKV", lrkv, "lrqk")]
+        models = [("MHA", mha, "full"), ("LRKV", lrkv, "full")] + [("LRKV", lrkv, p) for p in args.policies.split(",")]
         cfgs = {"MHA": (mha_cfg, mha), f"LRKV ({name})": (lrkv_cfg, lrkv)}
     head_dim = next(iter(cfgs.values()))[0].dh
     lrqk = lrqk_config(args, head_dim)
@@ -213,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, (cfg, model) in cfgs.items():
         print(describe(label, cfg, model, args))
     print(f"  LRQK: rank {lrqk.rank}, top-k {lrqk.top_k}, recent {lrqk.recent}, sinks {lrqk.sinks}, proxy "
-          f"{lrqk.proxy} for lrkv / per query head for mha-gqa, iters {lrqk.prefill_iters}/{lrqk.decode_iters}, "
+          f"{lrqk.proxy} (shared: per layer for lrkv, per query head for mha-gqa), policies {args.policies}, iters {lrqk.prefill_iters}/{lrqk.decode_iters}, "
           f"offloaded row store{' (pinned)' if args.device == 'cuda' else ''}")
     vocab = next(iter(cfgs.values()))[0].vocab_size
     rows = []
