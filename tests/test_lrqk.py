@@ -543,3 +543,35 @@ def test_group_shared_plan_is_under_a_quarter_of_full_kv_at_128k():
         G, H = (4, 28) if model == "Qwen2.5-7B" else (8, 32)
         # A_K (the part that grows with the context) is stored once per KV head instead of once per query head
         assert group["of which A_K GiB"] == pytest.approx(per_head["of which A_K GiB"] * G / H, rel=0.02)
+
+
+def prefill_peak_units(proxy: str, T: int = 512) -> float:
+    """Peak memory allocated while one LRQK layer prefills (exact attention, store write, policy fit, pool seed) at
+    Llama-3-8B's attention geometry in bf16, in units of H*T*D bf16 (one query tensor), output included."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from lrkv.inference.lrqk.decoder import _LRQKState
+
+    H, G, D, d = 32, 8, 128, 4096
+    m = ModelConfig(attn="gqa", vocab_size=16, n_layer=1, d_model=d, n_head=H, n_kv_head=G, head_dim=D, ffn_dim=16)
+    torch.manual_seed(0)
+    model = Transformer(m).to(torch.bfloat16).eval()
+    dec = LRQKDecoder(model, LRQKConfig(rank=32, top_k=128, recent=64, proxy=proxy), max_context=T)
+    dec.state = _LRQKState(dec, 1, T)  # persistent state allocated up front, outside the measurement
+    dec.state.key_valid(None, 1, T, "cpu")
+    attn = model.layers[0].attn
+    with torch.no_grad():
+        q, k, v = attn.qkv(torch.randn(1, T, d, dtype=torch.bfloat16)).split([H * D, G * D, G * D], dim=-1)
+        cos, sin = attn.rope(torch.arange(T), D)
+        q, k = rope(q.view(1, T, H, D).transpose(1, 2), cos, sin), rope(k.view(1, T, G, D).transpose(1, 2), cos, sin)
+        v = v.view(1, T, G, D).transpose(1, 2)
+        tracker = mem_tracker.MemTracker()
+        with tracker:
+            dec.state.layers[0].attend(attn, q, (k, v), None)
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / (H * T * D * 2)
+
+
+def test_prefill_peak_memory_is_lean():
+    # before: 15.2 units (K and V repeated to every query head, a second fp32 copy of q, the whole prompt gathered
+    # per pool stream to seed the pool); group-shared also fits its proxy once per KV head
+    assert prefill_peak_units("shared") <= 12
+    assert prefill_peak_units("group") <= 8

@@ -128,22 +128,26 @@ class LRQKLayer:
             raise RuntimeError("LRQK prefill runs once, on an empty cache; decode one token per step afterwards")
         rows = self.rows(kv)
         self.store.write(0, rows)
-        k, v = self.prompt_keys_values(q, kv, rows)
-        y = causal_attention(q, k, v, key_valid=key_valid)
+        if self.lrkv:  # per-head K, V rebuilt from the payload: the policy scores those keys
+            k, v = self.keys_values(rows, torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1))
+            y = causal_attention(q, k, v, key_valid=key_valid)
+        else:  # grouped attention straight on the KV heads; keys repeated per query head only if the pool is
+            y = causal_attention(q, *kv, key_valid=key_valid)
+            k = self.prompt_keys(q, kv, rows)
         if self.owner.keep_prompt:
             self.prompt = (q, kv)
         self.seed(q, k, kv, rows)
         return y
 
-    def prompt_keys_values(self, q, kv, rows):
-        """The prompt's K, V in the pool's key-head layout (B, Hk, T, D): per query head, or per KV head when the pool
-        is group-shared (attention then runs grouped, without repeating K and V)."""
+    def prompt_keys(self, q, kv, rows):
+        """The prompt's keys in the pool's key-head layout (B, Hk, T, D): per query head, or per KV head when the pool
+        is group-shared."""
         B, H, T, _ = q.shape
         if self.lrkv:
-            return self.keys_values(rows, torch.arange(T, device=q.device).expand(B, T))
+            return self.keys_values(rows, torch.arange(T, device=q.device).expand(B, T), values=False)[0]
         if self.geo["pool"] == self.geo["store"]:
-            return kv
-        return tuple(t.repeat_interleave(H // self.module.n_kv_head, dim=1) for t in kv)
+            return kv[0]
+        return kv[0].repeat_interleave(H // self.module.n_kv_head, dim=1)
 
     def seed(self, q, k, kv, rows):
         """Fit the policy on the prompt (rows already in the store) and fill the pool with the prompt rows already on
@@ -373,7 +377,7 @@ class LRQKDecoder:
             mine.store.ready()
             theirs.store.rows[:, :T].copy_(mine.store.rows[:, :T])
             rows = theirs.rows(kv)
-            theirs.seed(q, theirs.prompt_keys_values(q, kv, rows)[0], kv, rows)
+            theirs.seed(q, theirs.prompt_keys(q, kv, rows), kv, rows)
         return other
 
     def full_decoder(self) -> FullDecoder:

@@ -17,8 +17,9 @@ def _ridge(m: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_right(rhs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """X with X m = rhs for symmetric r x r systems m (batched)."""
-    return torch.linalg.solve(_ridge(m), rhs, left=False)
+    """X with X m = rhs for symmetric r x r systems m (batched). Through the r x r inverse: one l x r output and no
+    transposed copies of the tall rhs (a right-hand solve transposes it, 2 extra l x r buffers at prefill)."""
+    return rhs @ torch.linalg.inv(_ridge(m))
 
 
 def _least_squares(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -225,11 +225,13 @@ class LRQK(Policy):
     def prefill(self, q, k, kv, keep):
         lay, cfg = self.layer, self.cfg
         T, D = q.shape[2], q.shape[3]
-        w = keep[:, None, :, None]  # padding rows zeroed so they do not shape the fit
-        qf, kf = q.float() * w, k.float() * w
+        qf, kf = q.float(), k.float()  # fp32 math (a copy for bf16 models)
+        if lay.owner.padded:  # padding rows zeroed so they do not shape the fit
+            w = keep[:, None, :, None]
+            qf, kf = qf * w, kf * w
         if lay.lrkv and lay.geo["heads"] > 1:  # lrkv shared proxy: all heads' true scores vs one A_K; B_K: rope(k_s)
             positions = torch.arange(T, device=q.device)
-            k_rec = rope(kv[0], *lay.module.rope(positions, D)).float() * keep[..., None]
+            k_rec = rope(kv[0], *lay.module.rope(positions, D)).float() * keep[..., None]  # (B, T, D): small
             f = als_factorize(qf, kf, k_rec, cfg.rank, cfg.prefill_iters, cfg.tol, lay.owner.generator)
         else:  # one key per proxy: its query head's (per-head) or its KV head's (group-shared)
             kf = kf.reshape(lay.geo["proxies"], 1, T, D)
