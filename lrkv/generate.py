@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lrqk = p.add_argument_group("lrqk cache (only with --cache lrqk; explicit flags override the preset)")
     lrqk.add_argument("--lrqk-preset", choices=sorted(PRESETS), help="rank/top-k/recent as in the LRQK paper")
     lrqk.add_argument("--rank", type=int, help=f"proxy rank r (default {LRQKConfig.rank})")
-    lrqk.add_argument("--top-k", type=int, help=f"selected tokens per step (default {LRQKConfig.top_k})")
+    lrqk.add_argument("--top-k", type=int, help="selected tokens per step (default: from the prompt length, 256 up to "
+                                                 "4K tokens, 1024 up to 16K, 2048 beyond)")
     lrqk.add_argument("--recent", type=int, help=f"recent window W, always attended (default {LRQKConfig.recent})")
     lrqk.add_argument("--sinks", type=int, help="first tokens always attended (default 0)")
     lrqk.add_argument("--policy", choices=POLICIES, help="which tokens fill top-k: LRQK's proxy (default) or a peer")
@@ -85,6 +86,10 @@ def print_stats(gen: Generator) -> None:
     print(f"[stats] cache={gen.cache} prefill: {t['prefill_tokens']} tokens in {t['prefill_s']:.3f} s "
           f"({_rate(t['prefill_tokens'], t['prefill_s'])}); decode: {t['decode_tokens']} tokens in "
           f"{t['decode_s']:.3f} s ({_rate(t['decode_tokens'], t['decode_s'])})", file=sys.stderr)
+    if gen.cache == "lrqk":
+        c = gen.decoder.cfg  # resolved for this prompt
+        print(f"[stats] lrqk settings: policy {c.policy}, rank {c.rank}, top-k {c.top_k}, recent {c.recent}, sinks "
+              f"{c.sinks}, proxy {c.proxy}", file=sys.stderr)
     steps = max(st["steps"], 1)
     hit_rate = f"{100 * st['hits'] / st['selections']:.1f}%" if st["selections"] else "n/a"
     print(f"[stats] hit rate {hit_rate} (hits {st['hits']}, misses {st['misses']}, selections {st['selections']}); "

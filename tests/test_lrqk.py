@@ -575,3 +575,18 @@ def test_prefill_peak_memory_is_lean():
     # per pool stream to seed the pool); group-shared also fits its proxy once per KV head
     assert prefill_peak_units("shared") <= 12
     assert prefill_peak_units("group") <= 8
+
+
+def test_top_k_follows_the_context_unless_set():
+    from lrkv.inference.lrqk.config import context_top_k
+
+    assert [context_top_k(n) for n in (100, 4096, 8192, 16384, 32768, 131072)] == [256, 256, 1024, 1024, 2048, 2048]
+    assert LRQKConfig(top_k=64).for_context(10**6).top_k == 64
+    model = build("gqa")
+    dec = LRQKDecoder(model, LRQKConfig(rank=4))
+    greedy(dec, torch.randint(1, 97, (1, 30)), None, 1)
+    assert dec.requested.top_k is None and dec.cfg.top_k == 256
+    m = model.cfg
+    short, long = (LRQKDecoder.memory_plan(m, LRQKConfig(rank=4), 1, n) for n in (4096, 32768))
+    slots = {n: p.detail["pool"] // (m.n_layer * m.n_head * 2 * m.dh * 4) for n, p in ((4096, short), (32768, long))}
+    assert slots == {4096: 256 + 64, 32768: 2048 + 64}

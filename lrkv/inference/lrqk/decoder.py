@@ -299,7 +299,7 @@ class LRQKDecoder:
                     m.attn == "lrkv" and (attn.rank_k, attn.rank_v) != (m.rank_k, m.rank_v)):
                 raise ValueError(f"layer {i}: attention module {type(attn).__name__} does not match the model "
                                  f"config (attn={m.attn}, n_head={m.n_head}, head_dim={m.dh})")
-        self.model, self.cfg = model, cfg
+        self.model, self.requested, self.cfg = model, cfg, cfg  # cfg: the requested one resolved per prefill
         self.gpu_device, self.cpu_device = torch.device(gpu_device), torch.device(cpu_device)
         param = next(model.parameters())
         if param.device != self.gpu_device:
@@ -337,6 +337,7 @@ class LRQKDecoder:
             raise ValueError(f"sparse_query_tail {tail} must be smaller than the prompt length {T}")
         if tail and valid is not None and not bool(valid[:, T - tail :].all()):
             raise ValueError("sparse_query_tail covers padding: every row must have >= sparse_query_tail real tokens")
+        self.cfg = self.requested.for_context(T)
         capacity = self.max_context if self.max_context is not None else 2 * T
         if capacity < T:
             raise ValueError(f"prompt length {T} exceeds max_context {capacity}")
@@ -365,7 +366,7 @@ class LRQKDecoder:
         model again: prefill attention is exact whatever the config, so only the row store is copied and the policy
         fitted and the pool seeded anew. Every fork decodes independently."""
         prompts, s = self._prompt(), self.state
-        other = LRQKDecoder(self.model, cfg, self.gpu_device, self.cpu_device, self.pin, self.offload,
+        other = LRQKDecoder(self.model, cfg.for_context(s.length), self.gpu_device, self.cpu_device, self.pin, self.offload,
                             self.max_context)
         B, capacity = s.valid.shape
         check_fits(other.memory_plan(self.model.cfg, cfg, B, capacity, self.dtype, self.offload), self.gpu_device)
