@@ -144,6 +144,21 @@ def test_dispatch_uses_kernel_here_and_falls_back_once_with_a_warning(monkeypatc
         assert len(calls) == 1 and torch.equal(o, reference(*inputs))
 
 
+def test_no_fitting_config_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    """On a GPU, rows wider than 256 bytes (here fp32 at head_dim 128) have no kept config on any target
+    (tests/test_kernels_aot.py compiles why): the op returns the reference's result and says so once."""
+    monkeypatch.setattr(lrkv_attn, "INTERPRET", False)  # the device path, without launching a kernel
+    monkeypatch.setattr(lrkv_attn, "_arch", lambda device: 80)
+    monkeypatch.setattr(lrkv_attn, "_warned", set())
+    inputs = make_inputs(1, 2, 20, 20, 128, 16, 16)
+    with pytest.warns(UserWarning, match="no spill-free config for head_dim 128 in torch.float32 on sm_80"):
+        o = lrkv_attn.lrkv_attention_fused(*inputs)
+    assert torch.equal(o, reference(*inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        lrkv_attn.lrkv_attention_fused(*inputs)
+
+
 def test_custom_op_opcheck():
     """Schema, fake-tensor, autograd registration and AOT dispatch of both custom ops."""
     inputs = make_inputs(1, 2, 20, 20, 32, 8, 16)

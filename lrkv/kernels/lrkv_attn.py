@@ -26,11 +26,13 @@ ptxas register/spill reports for sm_80 and sm_90 (compiled ahead of time; no GPU
 Queries may be fewer than keys (bottom-right aligned causal mask, as the reference). Ranks are padded to a
 power of two >= 16 with masked loads; rank 0 is padded to rank 1 with zeros. Limits: head_dim in HEAD_DIMS
 (RoPE halves are tl.dot operands, so D/2 >= 16), ranks <= head_dim, dtype fp16/bf16/fp32 (fp32 only under
-the interpreter, whose bf16 tl.dot is wrong).
+the interpreter, whose bf16 tl.dot is wrong). On CUDA, rows wider than 256 bytes (fp32 at head_dim 128, head_dim
+256) have no config that fits and take the reference (see kept_configs).
 """
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +40,12 @@ import triton
 import triton.language as tl
 
 from lrkv.kernels.reference import check_lrkv_inputs
+from lrkv.kernels.reference import lrkv_attention as reference_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton.jit decides when the kernels are defined
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPES = (torch.float32,) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
+_warned: set[str] = set()  # reference fallbacks already reported
 POISON_OUTPUTS = False  # tests: outputs start as NaN so elements a kernel forgets to write show up
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per-block shared memory (opt-in maximum), by compute capability
@@ -52,7 +56,7 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per-block shared memory (opt-in
 # keeps both dot operands in registers, so it gets smaller tiles; sm_90 (wgmma) reads one from shared memory.
 TILES = {
     "_fwd": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(64, 16, 4, 3), (32, 32, 4, 3)]},
-    "_bwd_dq": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(32, 32, 4, 3)]},
+    "_bwd_dq": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(32, 16, 4, 3), (32, 32, 4, 2)]},
     "_bwd_dk": {90: [(64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)]},
     "_bwd_dv": {90: [(64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)]},
 }
@@ -70,10 +74,10 @@ def _configs(kernel):
 
 
 def kept_configs(kernel, arch, D, elem_size):
-    """The configs `kernel` may launch on sm_<arch>: that target's tiles; rows wider than 256 bytes (fp32, or
-    head_dim 256) get at most 2 pipeline stages, head_dim 256 only tiles of at most 64 x 64."""
-    stages = 2 if D * elem_size > 256 else 99
-    tiles = [(m, n, w, min(s, stages)) for m, n, w, s in TILES[kernel][_family(arch)] if D <= 128 or m * n <= 64 * 64]
+    """The configs `kernel` may launch on sm_<arch>: that target's tiles, none for rows wider than 256 bytes
+    (fp32 at head_dim 128, any dtype at 256): there every config spills or overflows shared memory on both
+    targets (benchmarks/kernel_aot.py), and the op falls back to the reference."""
+    tiles = TILES[kernel][_family(arch)] if D * elem_size <= 256 else []
     return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
@@ -494,9 +498,18 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lrkv_attention_fused(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal: bool = True, scale: float | None = None):
-    """Fused LRKV attention; same contract as reference.lrkv_attention, plus the kernel limits above."""
+    """Fused LRKV attention; same contract as reference.lrkv_attention, plus the kernel limits above. Where no
+    config fits the device (kept_configs), the reference computes it, with a one-time warning."""
     check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin)
     check_fused_supported(q, z_k, z_v)
+    if not INTERPRET:  # the interpreter runs its one config at any shape
+        arch, D = _arch(q.device), q.shape[-1]
+        if any(not kept_configs(k, arch, D, q.element_size()) for k in TILES):
+            reason = f"no spill-free config for head_dim {D} in {q.dtype} on sm_{arch}"
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"fused lrkv_attention: {reason}; using the PyTorch reference", stacklevel=2)
+            return reference_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=causal, scale=scale)
     if z_k.shape[-1] == 0:  # rank 0 (MQA side): one zero rank; autograd slices the gradient back to empty
         z_k, b_k = F.pad(z_k, (0, 1)), F.pad(b_k, (0, 0, 0, 1))
     if z_v.shape[-1] == 0:
