@@ -135,17 +135,20 @@ class SlotPool:
         resident = torch.where(ok, self.slot_of.gather(1, safe).long(), -1)
         hit = resident >= 0
         need = ok & ~hit
-        if bool(need[:, :kept].any()):
-            raise RuntimeError("LRQK pool lost a sink or recent-window token")
         keep = torch.zeros(S, C + 1, dtype=torch.bool, device=ids.device)
         keep.scatter_(1, torch.where(hit, resident, C), True)
         keep = keep[:, :C]
-        if ((~keep).sum(1) < need.sum(1)).any():
-            raise RuntimeError(f"LRQK pool overflow: {int(ok.sum(1).max())} tokens wanted, {C} slots")
+        # invariants as one device flag, read with the index transfer below (one host sync per layer-step)
+        broken = torch.stack((need[:, :kept].any(), ((~keep).sum(1) < need.sum(1)).any()))
         # free slots in overwrite order: empty first (last_used -1), then least recently used
         order = torch.where(keep, torch.iinfo(torch.long).max, self.last_used).argsort(dim=1, stable=True)
         target = order.gather(1, (need.cumsum(1) - 1).clamp(min=0))
         s_idx, j_idx = need.nonzero(as_tuple=True)
+        lost, overflow = broken.tolist()
+        if lost:
+            raise RuntimeError("LRQK pool lost a sink or recent-window token")
+        if overflow:
+            raise RuntimeError(f"LRQK pool overflow: {int(ok.sum(1).max())} tokens wanted, {C} slots")
         new_ids, new_slots = ids[s_idx, j_idx], target[s_idx, j_idx]
         old = self.token[s_idx, new_slots]
         evicted = old >= 0
@@ -153,8 +156,7 @@ class SlotPool:
         self.slot_of[s_idx, new_ids] = new_slots.int()
         self.token[s_idx, new_slots] = new_ids
         missed = j_idx < K
-        if bool(missed.any()):
-            self.slots[s_idx[missed], new_slots[missed]] = h2d.gather(store, store_stream[s_idx[missed]], new_ids[missed])
+        self.slots[s_idx[missed], new_slots[missed]] = h2d.gather(store, store_stream[s_idx[missed]], new_ids[missed])
         from_device = ~missed
         self.slots[s_idx[from_device], new_slots[from_device]] = fresh_rows[s_idx[from_device], j_idx[from_device] - K]
         self.clock += 1
@@ -162,9 +164,9 @@ class SlotPool:
         active.scatter_(1, torch.where(ok, self.slot_of.gather(1, safe).long(), C), True)
         active = active[:, :C]
         self.last_used = torch.where(active, self.clock, self.last_used)
-        n_hit, n_miss = int(hit[:, kept:K].sum()), int(missed.sum())
-        counts = {"hits": n_hit, "misses": n_miss, "selections": int(wanted_ok[:, kept:].sum()),
-                  "bytes_moved": n_miss * self.slots.shape[2] * self.slots.element_size()}
+        n_miss = missed.sum()  # counters stay on the device; the decoder reads them once per step
+        counts = {"hits": hit[:, kept:K].sum(), "misses": n_miss, "selections": wanted_ok[:, kept:].sum(),
+                  "bytes_moved": n_miss * (self.slots.shape[2] * self.slots.element_size())}
         return active, counts
 
 

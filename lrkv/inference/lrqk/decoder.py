@@ -409,7 +409,9 @@ class LRQKDecoder:
         self.state.last_step = {k: 0 for k in STAT_KEYS}
 
     def _end_step(self) -> None:
-        last = {**self.state.last_step, "steps": 1}
+        counters = self.state.last_step  # summed over layers on the device: read once per step
+        values = torch.stack([torch.as_tensor(counters[k]) for k in STAT_KEYS]).tolist()
+        last = {**dict(zip(STAT_KEYS, values)), "steps": 1}
         for key in STAT_KEYS:
             self.stats[key] += last[key]
         self.stats["last_step"] = last

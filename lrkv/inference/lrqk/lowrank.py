@@ -78,15 +78,17 @@ def decode_solve(q: torch.Tensor, s_self: torch.Tensor, k_rec: torch.Tensor, s_o
     q_base = torch.einsum("nhd,nhrd->nhr", q, b_q) + s_omega @ a_omega
     m_base = b_q @ b_q.mT + (a_omega.mT @ a_omega)[:, None]
     k_base, mk_base = k_rec[:, None] @ b_k.mT, b_k @ b_k.mT
+    # the early stop (k̂ moved less than tol) is a device flag that freezes the iterates: no host sync per step
+    running, q_hat = torch.ones((), dtype=torch.bool, device=q.device), None
     for _ in range(iters):
         rhs = q_base + s_self[..., None] * k_hat
-        q_hat = _solve_right(rhs[..., None, :], m_base + (k_hat.mT @ k_hat)[:, None])[..., 0, :]
-        rhs_k = k_base + (s_self[..., None] * q_hat).sum(1, keepdim=True)
-        new_k = _solve_right(rhs_k, mk_base + q_hat.mT @ q_hat)
-        delta = F.mse_loss(new_k, k_hat).item()
-        k_hat = new_k
-        if delta < tol:
-            break
+        new_q = _solve_right(rhs[..., None, :], m_base + (k_hat.mT @ k_hat)[:, None])[..., 0, :]
+        rhs_k = k_base + (s_self[..., None] * new_q).sum(1, keepdim=True)
+        new_k = _solve_right(rhs_k, mk_base + new_q.mT @ new_q)
+        q_hat = new_q if q_hat is None else torch.where(running, new_q, q_hat)
+        moved = F.mse_loss(new_k, k_hat)
+        k_hat = torch.where(running, new_k, k_hat)
+        running = running & (moved >= tol)
     return q_hat, k_hat[:, 0]
 
 

@@ -265,7 +265,9 @@ class LRQK(Policy):
         self.b_q, self.b_k = kaczmarz(self.b_q, q_hat, q_p), kaczmarz(self.b_k, k_hat, k_rec)
         self.a_k[:, t] = k_hat.to(self.a_k.dtype)
         L = t + 1
-        return (self.a_k[:, None, :L].float() @ q_hat[..., None])[..., 0].reshape(lay.geo["pool"], -1, L)
+        # scored in the storage dtype (fp32 accumulation on GPUs): no fp32 copy of all of A_K every step
+        scores = (self.a_k[:, None, :L] @ q_hat.to(self.a_k.dtype)[..., None])[..., 0].float()
+        return scores.reshape(lay.geo["pool"], -1, L)
 
 
 POLICY_CLASSES = {"lrqk": LRQK, "exact": Exact, "streaming": Streaming, "h2o": H2O, "quest": Quest, "loki": Loki}
