@@ -117,13 +117,13 @@ def resident_bytes(model, cfg: LRQKConfig | None, length: int) -> int:
 
 
 def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log=print,
-             sink: Path | None = None) -> list[dict]:
+             sink: Path | None = None, start: int = 0) -> list[dict]:
     """One row per (length, task, method, item): score, generated text, bytes, time; each item's rows are also
     appended to `sink` (JSON lines) as soon as they exist, so an interrupted run keeps what it measured."""
     records = []
     for length in lengths:
         for task in tasks:
-            for i in range(n):
+            for i in range(start, n):
                 cap = GEN_CAP[task]
                 item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
                 cap = min(cap, answer_budget(tok, item))
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--rank", type=int, default=32, help="LRQK rank; Loki's PCA rank")
     ap.add_argument("--n", type=int, default=5, help="items per task and length")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start", type=int, default=0, help="first item index (to finish an interrupted run: items "
+                                                         "start..n-1; merge the records with --report-only)")
     ap.add_argument("--recall", action="store_true", help="also measure recall@k of each policy vs exact top-k")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default="reports/ruler")
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (out / "records.jsonl").unlink(missing_ok=True)
     t0 = time.time()
     records = evaluate(model, tok, model_cfg, tasks, [int(x) for x in args.lengths.split(",")], args.n, methods, eos,
-                       args.seed, sink=out / "records.jsonl")
+                       args.seed, sink=out / "records.jsonl", start=args.start)
     wall = time.time() - t0
     settings = {label: (dataclasses.asdict(cfg) if cfg else "full") for label, cfg in methods}
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
