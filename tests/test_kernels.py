@@ -241,7 +241,7 @@ def test_debug_model_trains_the_same_with_the_kernel():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES + [(2, 4, 1000, 1000, 128, 64, 48), (2, 4, 1000, 1000, 256, 64, 64)], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(2, 4, 1000, 1000, 128, 64, 48)], ids=str)  # head_dim 256: reference
 def test_low_precision_on_gpu(shape, dtype):
     """The kernel in bf16/fp16 may be at most twice as far from the fp32 reference as the reference is when
     run in the same low precision (plus a floor for tiny tensors)."""
