@@ -173,7 +173,9 @@ def tables(records: list[dict], methods: list[str]) -> str:
             row = {"task": task, "n": sum(1 for r in at if r["task"] == task and r["method"] == methods[0])}
             row.update({m: mean(r["score"] for r in at if r["task"] == task and r["method"] == m) for m in methods})
             rows.append(row)
-        rows.append({"task": "**mean**", "n": "", **{m: mean(row[m] for row in rows) for m in methods}})
+        # mean over the tasks a method ran (merged partial runs may lack some); missing cells print empty
+        rows.append({"task": "**mean**", "n": "", **{m: mean(row[m] for row in rows if row[m] == row[m]) for m in methods}})
+        rows = [{k: ("" if v != v else v) for k, v in row.items()} for row in rows]
         parts.append(f"### {length} tokens (accuracy %)\n\n" + markdown_table(rows, ["task", "n", *methods]))
     cost = []
     for m in methods:
