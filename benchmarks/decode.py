@@ -158,7 +158,8 @@ def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor
     step_s = sorted(times)[len(times) // 2]  # median: robust to a busy shared machine
     moved = {k: decoder.stats[k] - before[k] for k in ("hits", "selections", "bytes_moved")}
     if cache == "transformers":
-        host, dev = 0, sum(t.numel() * t.element_size() for layer in decoder.past.layers for t in (layer.keys, layer.values))
+        kv = [t for layer in decoder.past.layers for t in (layer.keys, layer.values)]
+        host, dev = 0, sum(t.numel() * t.element_size() for t in kv)
     elif cache == "full":
         row_bytes = sum(layer.bytes_per_token() for layer in decoder.cache.layers)
         host, dev = 0, row_bytes * decoder.cache.length * args.batch
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     for label, (cfg, model) in cfgs.items():
         print(describe(label, cfg, model, args))
     print(f"  LRQK: rank {lrqk.rank}, top-k {lrqk.top_k}, recent {lrqk.recent}, sinks {lrqk.sinks}, proxy "
-          f"{lrqk.proxy} (shared: per layer for lrkv, per query head for mha-gqa), policies {args.policies}, iters {lrqk.prefill_iters}/{lrqk.decode_iters}, "
+          f"{lrqk.proxy} (shared: per layer for lrkv, per query head for mha-gqa), policies {args.policies}, "
+          f"iters {lrqk.prefill_iters}/{lrqk.decode_iters}, "
           f"offloaded row store{' (pinned)' if args.device == 'cuda' else ''}")
     vocab = next(iter(cfgs.values()))[0].vocab_size
     rows = []

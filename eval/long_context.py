@@ -343,7 +343,8 @@ def greedy_answer(decoder, tok: Tokenizer, item: Item, max_new_tokens: int, eos:
 
 
 @torch.no_grad()
-def continue_greedy(decoder, logits: torch.Tensor, question: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+def continue_greedy(decoder, logits: torch.Tensor, question: list[int], max_new_tokens: int,
+                    eos: set[int]) -> list[int]:
     """Decode the question token by token, then greedily up to max_new_tokens or a stop id; the new token ids."""
     for t in question:
         logits = decoder.step(torch.tensor([[t]]))

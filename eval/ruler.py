@@ -139,7 +139,8 @@ def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log
                     text = tok.decode(tokens)
                     steps = max(stats["steps"], 1)
                     row_bytes = 2 * geometry(model_cfg, cfg, 1)["row"] if cfg is not None else 0
-                    rec = {"length": length, "task": task, "item": i, "method": label, "prompt": len(ctx) + len(question),
+                    rec = {"length": length, "task": task, "item": i, "method": label,
+                           "prompt": len(ctx) + len(question),
                            "score": 100.0 * string_match_all(text, item.answers), "output": text,
                            "answers": item.answers, "gpu_bytes": resident_bytes(model, cfg, len(ctx) + len(question)),
                            "h2d_per_step": stats["misses"] * row_bytes / steps,
@@ -174,7 +175,8 @@ def tables(records: list[dict], methods: list[str]) -> str:
             row.update({m: mean(r["score"] for r in at if r["task"] == task and r["method"] == m) for m in methods})
             rows.append(row)
         # mean over the tasks a method ran (merged partial runs may lack some); missing cells print empty
-        rows.append({"task": "**mean**", "n": "", **{m: mean(row[m] for row in rows if row[m] == row[m]) for m in methods}})
+        means = {m: mean(row[m] for row in rows if row[m] == row[m]) for m in methods}
+        rows.append({"task": "**mean**", "n": "", **means})
         rows = [{k: ("" if v != v else v) for k, v in row.items()} for row in rows]
         parts.append(f"### {length} tokens (accuracy %)\n\n" + markdown_table(rows, ["task", "n", *methods]))
     cost = []

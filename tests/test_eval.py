@@ -349,12 +349,13 @@ def test_ruler_every_method_equals_full_when_the_budget_covers_the_prompt(tok):
     base = {"rank": 4, "recent": 8, "sinks": 2}
     specs = ["full", "lrqk", "exact_topk", "quest", "loki", "h2o", "streaming"]
     wide = [parse_method(m, 1024, base) for m in specs]
-    records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, wide, eos=set(), log=lambda *a, **k: None)
+    quiet = {"eos": set(), "log": lambda *a, **k: None}
+    records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, wide, **quiet)
     outputs = {r["method"]: r["output"] for r in records}
     assert len(set(outputs.values())) == 1, outputs  # one prefill, seven decoders, identical greedy text
     assert all(r["h2d_per_step"] == 0 for r in records)  # everything resident from the prefill on
     narrow = [parse_method(m, 24, base) for m in ("full", "lrqk", "streaming")]
-    records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, narrow, eos=set(), log=lambda *a, **k: None)
+    records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, narrow, **quiet)
     by = {r["method"]: r for r in records}
     assert by["streaming"]["h2d_per_step"] == 0 < by["lrqk"]["h2d_per_step"] <= by["lrqk"]["h2d_no_cache_per_step"]
     assert by["full"]["gpu_bytes"] > by["lrqk"]["gpu_bytes"]

@@ -366,8 +366,8 @@ class LRQKDecoder:
         model again: prefill attention is exact whatever the config, so only the row store is copied and the policy
         fitted and the pool seeded anew. Every fork decodes independently."""
         prompts, s = self._prompt(), self.state
-        other = LRQKDecoder(self.model, cfg.for_context(s.length), self.gpu_device, self.cpu_device, self.pin, self.offload,
-                            self.max_context)
+        other = LRQKDecoder(self.model, cfg.for_context(s.length), self.gpu_device, self.cpu_device, self.pin,
+                            self.offload, self.max_context)
         B, capacity = s.valid.shape
         check_fits(other.memory_plan(self.model.cfg, cfg, B, capacity, self.dtype, self.offload), self.gpu_device)
         other.state = _LRQKState(other, B, capacity)
