@@ -14,5 +14,5 @@ from lrkv.inference.lrqk.plan import MemoryPlan, MemoryPlanError, check_fits, fr
 from lrkv.inference.lrqk.policies import select_top_k
 
 __all__ = ["POLICIES", "PRESETS", "Factors", "Lockstep", "LRQKConfig", "LRQKDecoder", "LRQKLayer", "MemoryPlan",
-           "MemoryPlanError", "als_factorize", "als_objective", "check_fits", "decode_solve", "free_host_bytes", "kaczmarz",
-           "memory_plan", "select_top_k"]
+           "MemoryPlanError", "als_factorize", "als_objective", "check_fits", "decode_solve", "free_host_bytes",
+           "kaczmarz", "memory_plan", "select_top_k"]
