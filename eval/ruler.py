@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import dataclasses
 import json
 import time
@@ -133,6 +134,7 @@ def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log
                 t0 = time.perf_counter()
                 results = run_item(base, ctx, question, cap, methods, eos)
                 del base
+                gc.collect()  # decoder layers and policies reference each other: free their tensors per item
                 line = []
                 for label, cfg in methods:
                     tokens, stats, seconds, batch_steps = results[label]
