@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from eval import head_diversity, kv_memory, long_context, lrqk_agreement, perplexity
-from eval.common import export_tokenizer, markdown_table
+from eval.common import cli, export_tokenizer, markdown_table
 from lrkv.export import load_export
 
 MODULES = ("perplexity", "long_context", "lrqk_agreement", "kv_memory", "head_diversity", "compare")
@@ -106,4 +106,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -29,6 +29,18 @@ def export_tokenizer(export_dir: str | Path) -> Tokenizer:
     return load_tokenizer_file(export_dir, load_model_config(export_dir).vocab_size)
 
 
+def cli(main) -> None:
+    """Run an eval module's main() as a command: a bad export, tokenizer, setting or file is one `error:` line on
+    stderr and exit code 2, not a traceback (every such error is a ValueError, MemoryError or missing file)."""
+    import sys
+
+    try:
+        main()
+    except (ValueError, MemoryError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """A GitHub markdown table; floats printed with 4 significant digits."""
     if not rows:

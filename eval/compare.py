@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from eval import head_diversity
-from eval.common import VARIANTS, markdown_table, plt, save_figure
+from eval.common import VARIANTS, cli, markdown_table, plt, save_figure
 from lrkv.config import load_config
 from lrkv.export import load_export
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
@@ -325,4 +325,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

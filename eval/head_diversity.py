@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from eval.common import markdown_table, plt, save_figure
+from eval.common import cli, markdown_table, plt, save_figure
 from lrkv.export import load_export
 from lrkv.model import GroupedQueryAttention, LRKVAttention, MultiHeadLatentAttention, Transformer
 
@@ -172,4 +172,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

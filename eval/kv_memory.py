@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from eval.common import VARIANTS, markdown_table, plt, save_figure
+from eval.common import VARIANTS, cli, markdown_table, plt, save_figure
 from lrkv.config import CONFIG_DIR, ModelConfig, load_config
 from lrkv.inference.lrqk import LRQKConfig, memory_plan
 from lrkv.info import mha_equivalent
@@ -130,4 +130,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from eval.common import export_tokenizer, markdown_table
+from eval.common import cli, export_tokenizer, markdown_table
 from lrkv.export import load_export
 from lrkv.inference.cache import FullDecoder
 from lrkv.inference.generate import eos_ids
@@ -430,4 +430,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.common import export_tokenizer, markdown_table, plt, save_figure
+from eval.common import cli, export_tokenizer, markdown_table, plt, save_figure
 from eval.perplexity import source_tokens
 from lrkv.export import load_export
 from lrkv.inference.cache import FullDecoder
@@ -155,4 +155,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

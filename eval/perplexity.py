@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from eval.common import export_tokenizer
+from eval.common import cli, export_tokenizer
 from lrkv.config import DataConfig
 from lrkv.data import documents, pack, split_documents
 from lrkv.export import load_export
@@ -83,4 +83,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

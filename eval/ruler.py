@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from eval.common import markdown_table, plt, save_figure
+from eval.common import cli, markdown_table, plt, save_figure
 from eval.long_context import answer_budget, corpus_speeches, encode, make_item, stop_ids, string_match_all
 from lrkv.export import load_export, load_model_config
 from lrkv.inference.generate import load_tokenizer_file
@@ -280,4 +280,4 @@ def write_report(records: list[dict], specs: list[str], out: Path, about: str) -
     return records
 
 if __name__ == "__main__":
-    main()
+    cli(main)

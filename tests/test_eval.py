@@ -442,3 +442,14 @@ def test_train_mqar_learns_recall_and_lrqk_keeping_every_key_answers_the_same():
     assert mqar_accuracy(model, task, 128, seed=10_000) == curve[-1][1]
     keep_all = LRQKConfig(rank=4, top_k=8, recent=1, sparse_query_tail=task.queries)  # 8 >= the 5 earlier tokens
     assert mqar_accuracy(LRQKDecoder(model, keep_all).prefill, task, 128, seed=10_000) == curve[-1][1]
+
+
+@pytest.mark.parametrize("command", [["eval.ruler", "--export"], ["eval", "perplexity", "--export"]])
+def test_a_bad_export_is_one_error_line(tmp_path, command):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", *command, str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no config.json; not an lrkv export folder"]
