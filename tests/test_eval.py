@@ -452,4 +452,5 @@ def test_a_bad_export_is_one_error_line(tmp_path, command):
     out = subprocess.run([sys.executable, "-m", *command, str(tmp_path / "missing")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no config.json; not an lrkv export folder"]
+    missing = tmp_path / "missing"
+    assert out.stderr.strip().splitlines() == [f"error: {missing}: no config.json; not an lrkv export folder"]
