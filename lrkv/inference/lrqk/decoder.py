@@ -18,7 +18,6 @@ The model's own modules run everything else: attention modules call `cache.atten
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -30,7 +29,7 @@ from lrkv.inference.lrqk.config import LRQKConfig
 from lrkv.inference.lrqk.plan import MemoryPlan, check_fits, geometry, memory_plan
 from lrkv.inference.lrqk.policies import POLICY_CLASSES, select_top_k
 from lrkv.kernels.reference import causal_attention, lrkv_keys, lrkv_values
-from lrkv.model import GroupedQueryAttention, LRKVAttention, ModelCache, Transformer
+from lrkv.model import GroupedQueryAttention, LRKVAttention, Transformer
 
 # ------------------------------------------------------------------------------------------ per-layer cache
 

@@ -78,7 +78,7 @@ def memory_plan(m: ModelConfig, cfg: LRQKConfig, batch: int, max_context: int,
     """Bytes the decoder allocates for `batch` rows of up to `max_context` tokens, computed without allocating.
     Excludes weights and the transient prefill activations (exact attention over the prompt)."""
     cfg = cfg.for_context(max_context)
-    g, C, L, r, D = geometry(m, cfg, batch), cfg.slots, max_context, cfg.rank, m.dh
+    g, C, L, D = geometry(m, cfg, batch), cfg.slots, max_context, m.dh
     elt = torch.empty((), dtype=dtype).element_size()
     layers = m.n_layer
     detail = {
