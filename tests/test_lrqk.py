@@ -477,7 +477,12 @@ def test_quest_page_bounds_and_page_ranked_selection():
         assert min(scores[h, j] for j in chosen) >= max(scores[h, j] for j in rest)
 
 
-def test_h2o_accumulates_prompt_attention_and_never_brings_back_an_evicted_token():
+@pytest.mark.parametrize("chunk_rows", [None, 7])  # None: one chunk; 7: five query chunks, the last partial
+def test_h2o_accumulates_prompt_attention_and_never_brings_back_an_evicted_token(chunk_rows, monkeypatch):
+    from lrkv.inference.lrqk.policies import H2O
+
+    if chunk_rows:
+        monkeypatch.setattr(H2O, "CHUNK_ELEMENTS", chunk_rows * 4 * 30)  # 4 heads x 30 keys per query row
     model = build("gqa")
     idx = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(6))
     dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy="h2o"))

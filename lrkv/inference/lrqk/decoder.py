@@ -219,9 +219,10 @@ class LRQKLayer:
         return (weights.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)
 
     def exact_scores(self, q: torch.Tensor, length: int) -> torch.Tensor:
-        """Oracle: true q_h . k_h(j) for every stored token (pool streams, heads, length); gathers the whole store."""
+        """Oracle: true q_h . k_h(j) for every stored token (pool streams, heads, length); reads the whole store once
+        (per KV head: query heads of a group share their store stream's keys)."""
         self.store.ready()
-        rows = self.store.rows[self.store_of.to(self.store.rows.device), :length].to(q.device)
+        rows = self.store.rows[:, :length].to(q.device)
         k, _ = self.keys_values(rows, torch.arange(length, device=q.device).expand(len(rows), -1), values=False)
         return self.streams(self.qk(q, k)[:, :, 0])
 

@@ -101,6 +101,7 @@ class Streaming(Policy):
 
 class H2O(Policy):
     wants_weights = True
+    CHUNK_ELEMENTS = 2**24  # fp32 scores held at once by the prefill (64 MiB)
 
     def __init__(self, layer, capacity):
         super().__init__(layer, capacity)
@@ -113,16 +114,25 @@ class H2O(Policy):
         self.evicted = _grown(self.evicted, capacity, False)
 
     def prefill(self, q, k, kv, keep):
-        # column sums of the causal softmax of every real prompt query, one head at a time (T x T each)
+        # column sums of the causal softmax of every real prompt query, in query chunks of about CHUNK_ELEMENTS
+        # scores: chunk c only scores keys [0, end of c) (the causal half) and the group's heads share one key read
         B, H, T, D = q.shape
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        allowed = causal & (keep[:, None, :] > 0)  # (B, T, T): real keys only
-        acc = q.new_zeros(B, H, T, dtype=torch.float32)
-        for h in range(H):
-            s = (q[:, h].float() @ k[:, h * k.shape[1] // H].float().mT) / math.sqrt(D)
-            p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) * keep[:, :, None]
-            acc[:, h] = p.sum(1)
-        self.acc[:, :T] = self.layer.streams(acc).sum(1)
+        Hk = k.shape[1]
+        real = keep > 0
+        acc = q.new_zeros(B, Hk, H // Hk, T, dtype=torch.float32)
+        rows = max(1, self.CHUNK_ELEMENTS // (H * T))
+        for start in range(0, T, rows):
+            end = min(start + rows, T)
+            s = q[:, :, start:end].float().unflatten(1, (Hk, -1)) @ k[:, :, None, :end].float().mT / math.sqrt(D)
+            s[..., start:].masked_fill_(~torch.ones(end - start, end - start, dtype=torch.bool,
+                                                    device=q.device).tril(), float("-inf"))
+            if self.layer.owner.padded:
+                s.masked_fill_(~real[:, None, None, None, :end], float("-inf"))
+            p = s.softmax(-1)
+            if self.layer.owner.padded:  # padding queries (all keys masked: NaN rows) add nothing
+                p = p.nan_to_num(0.0) * keep[:, None, None, start:end, None]
+            acc[..., :end] += p.sum(-2)
+        self.acc[:, :T] = self.layer.streams(acc.flatten(1, 2)).sum(1)
         return self.acc[:, None, :T]
 
     def step(self, q, k_t, kv, t):
