@@ -130,23 +130,29 @@ class LRQKLayer:
         if self.lrkv:  # per-head K, V rebuilt from the payload: the policy scores those keys
             k, v = self.keys_values(rows, torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1))
             y = causal_attention(q, k, v, key_valid=key_valid)
-        else:  # grouped attention straight on the KV heads; keys repeated per query head only if the pool is
+        else:  # grouped attention straight on the KV heads
             y = causal_attention(q, *kv, key_valid=key_valid)
-            k = self.prompt_keys(q, kv, rows)
+            k = kv[0]
         if self.owner.keep_prompt:
             self.prompt = (q, kv)
         self.seed(q, k, kv, rows)
         return y
 
     def prompt_keys(self, q, kv, rows):
-        """The prompt's keys in the pool's key-head layout (B, Hk, T, D): per query head, or per KV head when the pool
-        is group-shared."""
-        B, H, T, _ = q.shape
+        """The prompt's keys (B, Hk, T, D), query head h reading key head h // (H / Hk): the KV heads of a GQA model
+        (never repeated per query head), every head's rebuilt key for LRKV."""
         if self.lrkv:
+            B, _, T, _ = q.shape
             return self.keys_values(rows, torch.arange(T, device=q.device).expand(B, T), values=False)[0]
-        if self.geo["pool"] == self.geo["store"]:
-            return kv[0]
-        return kv[0].repeat_interleave(H // self.module.n_kv_head, dim=1)
+        return kv[0]
+
+    def key_streams(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hk, ...) per key head -> (pool streams, key heads per stream, ...), repeating a KV head's tensor for
+        each query head of its group when the pool is per query head."""
+        per_row = self.geo["pool"] * self.geo["key_heads"] // self.batch
+        if x.shape[1] != per_row:
+            x = x.repeat_interleave(per_row // x.shape[1], dim=1)
+        return x.reshape(self.geo["pool"], self.geo["key_heads"], *x.shape[2:])
 
     def seed(self, q, k, kv, rows):
         """Fit the policy on the prompt (rows already in the store) and fill the pool with the prompt rows already on

@@ -46,8 +46,9 @@ def select_top_k(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> tuple
 
 
 class Policy:
-    """One layer's selection state. q, k arrive in the layer's (B, H, n, D) layout, post-RoPE, keys per query head;
-    `layer.streams(x)` views them as (S, m, n, D)."""
+    """One layer's selection state. q (B, H, n, D) and k (B, Hk, n, D) arrive post-RoPE, query head h reading key
+    head h // (H / Hk) (GQA's KV heads are not repeated); `layer.streams(q)` views queries as (S, m, n, D),
+    `layer.key_streams(x)` maps a per-key-head tensor to the pool's streams."""
 
     wants_weights = False  # True: the decoder passes this step's attention weights to observe()
 
@@ -62,7 +63,8 @@ class Policy:
         raise NotImplementedError
 
     def step(self, q, k_t, kv, t: int) -> torch.Tensor:
-        """Take token t in (q, k_t (B, H, 1, D), its raw kv); scores over tokens 0..t for the step's query."""
+        """Take token t in (q, k_t (B, Hk, 1, D) in the pool's key-head layout, its raw kv); scores over tokens 0..t
+        for the step's query."""
         raise NotImplementedError
 
     def restrict(self, candidate: torch.Tensor) -> torch.Tensor:
@@ -165,15 +167,14 @@ class Quest(Policy):
         self.k_max = _grown(self.k_max, pages, float("-inf"), dim=2)
 
     def prefill(self, q, k, kv, keep):
-        T = k.shape[2]
-        ks = self.layer.streams(k.float())  # (S, m, T, D)
-        real = self.layer.streams_of_batch(keep > 0)[:, None, :, None]
+        T = k.shape[2]  # page bounds per key head, then shared by the query heads that read it
+        real = (keep > 0)[:, None, :, None]
         pad = -T % QUEST_PAGE
-        lo = torch.nn.functional.pad(ks.masked_fill(~real, float("inf")), (0, 0, 0, pad), value=float("inf"))
-        hi = torch.nn.functional.pad(ks.masked_fill(~real, float("-inf")), (0, 0, 0, pad), value=float("-inf"))
+        lo = torch.nn.functional.pad(k.float().masked_fill(~real, float("inf")), (0, 0, 0, pad), value=float("inf"))
+        hi = torch.nn.functional.pad(k.float().masked_fill(~real, float("-inf")), (0, 0, 0, pad), value=float("-inf"))
         n = (T + pad) // QUEST_PAGE
-        self.k_min[:, :, :n] = lo.unflatten(2, (n, QUEST_PAGE)).amin(3)
-        self.k_max[:, :, :n] = hi.unflatten(2, (n, QUEST_PAGE)).amax(3)
+        self.k_min[:, :, :n] = self.layer.key_streams(lo.unflatten(2, (n, QUEST_PAGE)).amin(3))
+        self.k_max[:, :, :n] = self.layer.key_streams(hi.unflatten(2, (n, QUEST_PAGE)).amax(3))
         return self._scores(q[:, :, -1], T)
 
     def step(self, q, k_t, kv, t):
@@ -203,11 +204,12 @@ class Loki(Policy):
         self.k_low = _grown(self.k_low, capacity, 0.0, dim=2)
 
     def prefill(self, q, k, kv, keep):
-        T = k.shape[2]
-        ks = self.layer.streams(k.float()) * self.layer.streams_of_batch(keep)[:, None, :, None]
+        T = k.shape[2]  # one basis per key head, then shared by the query heads that read it
+        ks = k.float() * keep[:, None, :, None]
         _, vecs = torch.linalg.eigh(ks.mT @ ks)  # ascending eigenvalues
-        self.basis = vecs.flip(-1)[..., : self.cfg.rank]
-        self.k_low[:, :, :T] = (ks @ self.basis).to(self.k_low.dtype)
+        basis = vecs.flip(-1)[..., : self.cfg.rank]
+        self.basis = self.layer.key_streams(basis)
+        self.k_low[:, :, :T] = self.layer.key_streams((ks @ basis).to(self.k_low.dtype))
         return self._scores(q[:, :, -1], T)
 
     def step(self, q, k_t, kv, t):
@@ -234,22 +236,34 @@ class LRQK(Policy):
 
     def prefill(self, q, k, kv, keep):
         lay, cfg = self.layer, self.cfg
-        T, D = q.shape[2], q.shape[3]
-        qf, kf = q.float(), k.float()  # fp32 math (a copy for bf16 models)
-        if lay.owner.padded:  # padding rows zeroed so they do not shape the fit
-            w = keep[:, None, :, None]
-            qf, kf = qf * w, kf * w
+        B, H, T, D = q.shape
+        w = keep[:, None, :, None] if lay.owner.padded else None  # padding rows zeroed so they do not shape the fit
+        kf = k.float() if w is None else k.float() * w  # fp32 math (a copy for bf16 models)
         if lay.lrkv and lay.geo["heads"] > 1:  # lrkv shared proxy: all heads' true scores vs one A_K; B_K: rope(k_s)
             positions = torch.arange(T, device=q.device)
             k_rec = rope(kv[0], *lay.module.rope(positions, D)).float() * keep[..., None]  # (B, T, D): small
+            qf = q.float() if w is None else q.float() * w
             f = als_factorize(qf, kf, k_rec, cfg.rank, cfg.prefill_iters, cfg.tol, lay.owner.generator)
-        else:  # one key per proxy: its query head's (per-head) or its KV head's (group-shared)
-            kf = kf.reshape(lay.geo["proxies"], 1, T, D)
-            f = als_factorize(lay.proxy_view(qf), kf, kf[:, 0], cfg.rank, cfg.prefill_iters, cfg.tol,
-                              lay.owner.generator)
-        self.a_k[:, :T] = f.a_k
-        self.b_q, self.b_k = f.b_q, f.b_k
-        return (f.a_k[:, None] @ f.a_q[:, :, -1, :, None])[..., 0].reshape(lay.geo["pool"], -1, T)
+            self.a_k[:, :T], self.b_q, self.b_k = f.a_k, f.b_q, f.b_k
+            return (f.a_k[:, None] @ f.a_q[:, :, -1, :, None])[..., 0].reshape(lay.geo["pool"], -1, T)
+        # one key per proxy: its own head's (lrkv per_head) or its KV head's (GQA). The proxies are independent
+        # problems, fitted a slice at a time so that no fp32 copy of every head exists at once: per KV head (with
+        # its g query heads when they share A_K), or for GQA per query head, position j of every group, whose
+        # keys are the KV heads themselves (never repeated per query head)
+        Hk, heads = k.shape[1], lay.geo["heads"]
+        per_query_head = lay.geo["proxies"] > B * Hk
+        X, n = (B * Hk, H // Hk) if per_query_head else (B, Hk)
+        qs, a_k = q.view(X, n, heads, T, D), self.a_k.view(X, n, -1, cfg.rank)
+        scores, b_q, b_k = [], [], []
+        for i in range(n):
+            qi = qs[:, i].float() if w is None else qs[:, i].float() * w.repeat_interleave(X // B, 0)
+            ki = kf.reshape(X, 1, T, D) if per_query_head else kf[:, i, None]
+            f = als_factorize(qi, ki, ki[:, 0], cfg.rank, cfg.prefill_iters, cfg.tol, lay.owner.generator)
+            a_k[:, i, :T] = f.a_k
+            b_q.append(f.b_q), b_k.append(f.b_k)
+            scores.append((f.a_k[:, None] @ f.a_q[:, :, -1, :, None])[..., 0])  # (X, heads, T)
+        self.b_q, self.b_k = torch.stack(b_q, 1).flatten(0, 1), torch.stack(b_k, 1).flatten(0, 1)
+        return torch.stack(scores, 1).reshape(lay.geo["pool"], -1, T)
 
     def step(self, q, k_t, kv, t):
         # spec §2: self score q_h . k_h,t, exact scores on the resident set Omega, q̂/k̂ solve, Kaczmarz updates of
