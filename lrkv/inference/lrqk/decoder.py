@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lrkv.config import ModelConfig
-from lrkv.inference.cache import STAT_KEYS, FullDecoder, HostToDevice, RowStore, SlotPool, new_stats
+from lrkv.inference.cache import STAT_KEYS, FullDecoder, HostToDevice, RowStore, SlotPool, new_stats, phase
 from lrkv.inference.lrqk.config import LRQKConfig
 from lrkv.inference.lrqk.plan import MemoryPlan, check_fits, geometry, memory_plan
 from lrkv.inference.lrqk.policies import POLICY_CLASSES, select_top_k
@@ -188,41 +188,45 @@ class LRQKLayer:
         return sinks, sinks_ok, torch.where(recent_ok, recent, -1), recent_ok, cand
 
     def decode(self, q, kv):
+        # named phases for benchmarks/decode.py --split (no-ops unless a profiler runs)
         o, cfg = self.owner, self.owner.cfg
         B, H, _, D = q.shape
         t = self.length
         L = t + 1
-        rows = self.rows(kv)  # (store streams, 1, row)
-        self.store.write(t, rows)
-        pos_t = torch.full((self.geo["pool"], 1), t, device=q.device)
-        fresh_rows = rows[self.store_of]
-        k_t, _ = self.keys_values(fresh_rows, pos_t, values=False)
-        scores = self.policy.step(q, k_t, kv, t)
+        with phase("lrqk.store"):
+            rows = self.rows(kv)  # (store streams, 1, row)
+            self.store.write(t, rows)
+            pos_t = torch.full((self.geo["pool"], 1), t, device=q.device)
+            fresh_rows = rows[self.store_of]
+            k_t, _ = self.keys_values(fresh_rows, pos_t, values=False)
+        with phase("lrqk.score"):
+            scores = self.policy.step(q, k_t, kv, t)
         self.length = L
-        # selection: sinks + recent window (kept resident) + top-k of the older tokens
-        sinks, sinks_ok, recent, recent_ok, cand = self.window(L, include_current=False)
-        cand = self.policy.restrict(cand)
-        top, top_ok = select_top_k(scores, cand, cfg.top_k)
-        self.policy.chosen(top, top_ok, cand)
+        with phase("lrqk.topk"):  # sinks + recent window (kept resident) + top-k of the older tokens
+            sinks, sinks_ok, recent, recent_ok, cand = self.window(L, include_current=False)
+            cand = self.policy.restrict(cand)
+            top, top_ok = select_top_k(scores, cand, cfg.top_k)
+            self.policy.chosen(top, top_ok, cand)
         if cfg.measure_recall:
             self.recall.append(_recall(top, top_ok, *select_top_k(self.exact_scores(q, L), cand, cfg.top_k)))
         self.selected, self.selected_ok = top, top_ok
-        wanted = torch.cat((sinks, recent, top), dim=1)
-        wanted_ok = torch.cat((sinks_ok, recent_ok, top_ok), dim=1)
-        self.active, counts = self.pool.update(wanted, wanted_ok, sinks.shape[1] + recent.shape[1], pos_t,
-                                               torch.ones_like(pos_t, dtype=torch.bool), fresh_rows, self.store,
-                                               self.store_of, o.h2d)
-        for key, n in counts.items():
-            o.last_step[key] += n
-        # exact attention over the active slots
-        k, v = self.keys_values(self.pool.slots, self.pool.token.clamp(min=0))
-        per_row = self.geo["pool"] // B  # pool streams per batch row: 1 (lrkv), H, or the KV heads (group)
-        mask = self.active.view(B, per_row, 1, -1).repeat_interleave(H // per_row, dim=1)
-        if not self.policy.wants_weights:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
-        weights = (self.qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
-        self.policy.observe(self.streams(weights[:, :, 0]).sum(1))
-        return (weights.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)
+        with phase("lrqk.pool"):
+            wanted = torch.cat((sinks, recent, top), dim=1)
+            wanted_ok = torch.cat((sinks_ok, recent_ok, top_ok), dim=1)
+            self.active, counts = self.pool.update(wanted, wanted_ok, sinks.shape[1] + recent.shape[1], pos_t,
+                                                   torch.ones_like(pos_t, dtype=torch.bool), fresh_rows, self.store,
+                                                   self.store_of, o.h2d)
+            for key, n in counts.items():
+                o.last_step[key] += n
+        with phase("lrqk.attention"):  # exact attention over the active slots
+            k, v = self.keys_values(self.pool.slots, self.pool.token.clamp(min=0))
+            per_row = self.geo["pool"] // B  # pool streams per batch row: 1 (lrkv), H, or the KV heads (group)
+            mask = self.active.view(B, per_row, 1, -1).repeat_interleave(H // per_row, dim=1)
+            if not self.policy.wants_weights:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
+            weights = (self.qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
+            self.policy.observe(self.streams(weights[:, :, 0]).sum(1))
+            return (weights.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)
 
     def exact_scores(self, q: torch.Tensor, length: int) -> torch.Tensor:
         """Oracle: true q_h . k_h(j) for every stored token (pool streams, heads, length); reads the whole store once

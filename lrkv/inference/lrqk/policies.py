@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from lrkv.inference.cache import phase
 from lrkv.inference.lrqk.lowrank import als_factorize, decode_solve, kaczmarz
 from lrkv.inference.lrqk.plan import QUEST_PAGE
 from lrkv.kernels.reference import rope
@@ -284,9 +285,10 @@ class LRQK(Policy):
         else:
             k_rec = k_t[:, :, 0].float().reshape(lay.geo["proxies"], D)
         q_p = lay.proxy_view(qf)
-        q_hat, k_hat = decode_solve(q_p, lay.proxy_view(s_self), k_rec, lay.proxy_view(s_pool), a_omega,
-                                    self.b_q, self.b_k, cfg.decode_iters, cfg.tol)
-        self.b_q, self.b_k = kaczmarz(self.b_q, q_hat, q_p), kaczmarz(self.b_k, k_hat, k_rec)
+        with phase("lrqk.solve"):
+            q_hat, k_hat = decode_solve(q_p, lay.proxy_view(s_self), k_rec, lay.proxy_view(s_pool), a_omega,
+                                        self.b_q, self.b_k, cfg.decode_iters, cfg.tol)
+            self.b_q, self.b_k = kaczmarz(self.b_q, q_hat, q_p), kaczmarz(self.b_k, k_hat, k_rec)
         self.a_k[:, t] = k_hat.to(self.a_k.dtype)
         L = t + 1
         # scored in the storage dtype (fp32 accumulation on GPUs): no fp32 copy of all of A_K every step
