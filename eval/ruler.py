@@ -87,7 +87,8 @@ def run_item(base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, m
     every_row = LRQKConfig(rank=1, top_k=base.max_context, recent=1, policy="streaming",
                            proxy="group" if base.model.cfg.attn != "lrkv" else "shared")
     decoders = [base.fork(every_row if cfg is None else cfg) for _, cfg in methods]
-    lock, M = Lockstep(decoders), len(methods)
+    M = len(methods)
+    lock, live = Lockstep(decoders), list(range(M))  # live: the methods still decoding, in batch order
     t0 = time.perf_counter()
     with torch.no_grad():
         logits = logits.expand(M, -1, -1)
@@ -96,14 +97,17 @@ def run_item(base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, m
         outs, ended, steps = [[] for _ in range(M)], [None] * M, len(question)
         for _ in range(cap):
             nxt = logits[:, -1].argmax(-1)
-            for i, t in enumerate(nxt.tolist()):
-                if ended[i] is None:
-                    if t in eos:
-                        ended[i] = copy.deepcopy(decoders[i].stats)
-                    else:
-                        outs[i].append(t)
-            if all(e is not None for e in ended):
+            for i, t in zip(live, nxt.tolist()):
+                if t in eos:
+                    ended[i] = copy.deepcopy(decoders[i].stats)
+                else:
+                    outs[i].append(t)
+            still = [j for j, i in enumerate(live) if ended[i] is None]
+            if not still:
                 break
+            if len(still) < len(live):  # a method that stopped leaves the batch
+                live = [live[j] for j in still]
+                lock, nxt = Lockstep([decoders[i] for i in live]), nxt[still]
             logits = lock.step(nxt[:, None])
             steps += 1
     seconds = time.perf_counter() - t0

@@ -361,6 +361,32 @@ def test_ruler_every_method_equals_full_when_the_budget_covers_the_prompt(tok):
     assert by["full"]["gpu_bytes"] > by["lrqk"]["gpu_bytes"]
 
 
+
+def test_ruler_methods_that_stop_leave_the_batch_without_changing_the_others(tok):
+    from eval.ruler import parse_method, run_item
+    from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
+
+    torch.manual_seed(0)
+    model = Transformer(tiny("gqa", max_seq_len=512)).eval()
+    methods = [parse_method(m, 24, {"rank": 4, "recent": 8, "sinks": 2}) for m in ("full", "lrqk", "streaming", "h2o")]
+    ctx, question = list(range(5, 205)), [7, 8, 9]
+
+    def run(ms, eos):
+        base = LRQKDecoder(model, LRQKConfig(rank=1, top_k=1, recent=1, policy="streaming"), max_context=260)
+        return {label: out for label, (out, *_) in run_item(base, ctx, question, 40, ms, eos).items()}
+
+    free = run(methods, set())
+    counts = {}
+    for out in free.values():
+        for t in set(out[1:]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = {max(counts, key=counts.get)}  # a token several methods emit, at different steps
+    together = run(methods, eos)
+    assert len({len(o) for o in together.values()}) > 1  # they stopped at different steps
+    for m in methods:
+        assert together[m[0]] == run([m], eos)[m[0]]  # the same text as decoding that method alone
+
+
 # ---------------------------------------------------------------------------------------------------- compare
 
 
