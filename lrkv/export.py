@@ -10,7 +10,9 @@
 
 Folders are created 0755 and files 0644 (less what the umask takes), so a server running as another user reads
 them. load_export also reads what transformers' save_pretrained writes from the loaded model (a Trainer or peft
-result): the prefixed tensor names and the extra config keys transformers owns; unknown model keys still fail.
+result): the prefixed tensor names, the extra config keys transformers owns (unknown model keys still fail), and
+sharded weights (model-0000i-of-0000n.safetensors named by model.safetensors.index.json; a missing shard is an
+error naming it).
 
 Loading needs neither Lightning nor DeepSpeed. The loader refuses a folder whose tensors do not match its
 config and names the first mismatch. Writes go to a temporary sibling folder renamed into place, so an
@@ -37,8 +39,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lrkv.atomic import DiskFullError, disk_full_message, is_disk_full
@@ -47,6 +49,7 @@ from lrkv.model import Transformer
 from lrkv.tokenizer import EOS
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
+INDEX_NAME = "model.safetensors.index.json"  # save_pretrained(max_shard_size=...): tensor name -> shard file
 # every file an export may write (save_export's own plus convert_hf's extra files): re-exporting replaces these only
 # (configuration_lrkv.py: older exports' remote code, removed by a re-export)
 EXPORT_FILES = {CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME, "tokenizer_config.json", "generation_config.json",
@@ -248,18 +251,48 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
                           f"({len(extra)} unexpected tensor(s))")
 
 
+def _read_safetensors(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of one safetensors file (all of them when names is None)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in (f.keys() if names is None else names)}
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{path}: cannot read safetensors file ({e})") from e
+
+
+def read_weights(export_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The export's tensors and the file that lists them: model.safetensors, else the shards that
+    model.safetensors.index.json maps each tensor to (what save_pretrained(max_shard_size=...) writes). The single
+    file wins when both are there, as in transformers' from_pretrained."""
+    export_dir = Path(export_dir)
+    single, index = export_dir / WEIGHTS_NAME, export_dir / INDEX_NAME
+    if single.is_file():
+        return _read_safetensors(single), single
+    if not index.is_file():
+        raise ExportError(f"{export_dir}: no {WEIGHTS_NAME} (nor {INDEX_NAME} listing its shards)")
+    shards: dict[str, list[str]] = {}
+    try:
+        for name, file in json.loads(index.read_text())["weight_map"].items():
+            shards.setdefault(file, []).append(name)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from e
+    missing = [file for file in sorted(shards) if not (export_dir / file).is_file()]
+    if missing:
+        raise ExportError(f"{export_dir}: shard {missing[0]} listed in {INDEX_NAME} is missing "
+                          f"({len(missing)} of {len(shards)} shards missing)")
+    found = {}
+    for file, names in sorted(shards.items()):
+        found.update(_read_safetensors(export_dir / file, names))
+    return found, index
+
+
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build the model from config.json and load model.safetensors into it (eval mode)."""
+    """Build the model from config.json and load its weights (model.safetensors or the shards of
+    model.safetensors.index.json) into it (eval mode)."""
     export_dir = Path(export_dir)
     cfg = load_model_config(export_dir)
-    weights = export_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ExportError(f"{export_dir}: no {WEIGHTS_NAME}")
-    try:
-        found = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise ExportError(f"{weights}: cannot read safetensors file ({e})") from e
+    found, weights = read_weights(export_dir)
     if all(k.startswith("model.") for k in found):  # save_pretrained: the HF wrapper keeps Transformer as .model
         found = {k.removeprefix("model."): v for k, v in found.items()}
     with torch.device("meta"):

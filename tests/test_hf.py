@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -166,6 +167,31 @@ def test_save_pretrained_folder_loads_with_load_export(tmp_path, tie):
     (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "rank_q": 4}))
     with pytest.raises(ExportError, match="model.rank_q"):
         load_export(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sharded_save_pretrained_folder_loads_with_load_export(tmp_path, tie, capsys):
+    """save_pretrained(max_shard_size=...) writes model-0000i-of-0000n.safetensors and model.safetensors.index.json
+    (each tensor's shard): load_export reads them, same logits; a missing shard is one error line naming it."""
+    hf = AutoModelForCausalLM.from_pretrained(export(tmp_path, tie, tokenizer=True), trust_remote_code=True).eval()
+    saved = tmp_path / "sharded"
+    hf.save_pretrained(saved, max_shard_size="100KB")
+    shards = sorted(saved.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and (saved / "model.safetensors.index.json").is_file()
+    assert not (saved / "model.safetensors").exists()
+    (saved / "tokenizer.json").write_bytes((tmp_path / "tok.json").read_bytes())
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(load_export(saved)(x), hf(x).logits)
+    shards[1].unlink()
+    missing = f"shard {shards[1].name} listed in model.safetensors.index.json is missing (1 of {len(shards)}"
+    with pytest.raises(ExportError, match=re.escape(missing)):
+        load_export(saved)
+    from lrkv.generate import main
+
+    capsys.readouterr()  # transformers' loading progress, above
+    assert main(["--checkpoint", str(saved), "--prompt", "to be"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {saved}: {missing} shards missing)"]
 
 
 def test_hf_keys_cover_what_transformers_writes():
