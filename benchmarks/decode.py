@@ -29,7 +29,44 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+K = 1024
+# the parser is built before torch is imported, so these mirror lrkv.inference (tests/test_cli.py checks they agree)
+DTYPE_NAMES, LRQK_PRESETS = ("bf16", "fp32"), ("accuracy", "memory", "paper")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python benchmarks/decode.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--config", help="model shape (default: lrkv_debug.yaml on cpu, lrkv_125m.yaml on cuda)")
+    p.add_argument("--hf-export", help="a converted Llama/Qwen2 export folder: full vs LRQK on that model")
+    p.add_argument("--text", help="with --hf-export: prompt tokens from this text file instead of random ids")
+    p.add_argument("--contexts", help="comma-separated prompt lengths (default: 1K..8K cpu, 4K..128K cuda, "
+                                      "32K,64K,128K with --hf-export)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--steps", type=int, help="timed decode steps (default 16 cpu, 32 cuda)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones (default 2)")
+    p.add_argument("--lrqk-preset", choices=LRQK_PRESETS, help="rank/top-k/recent; flags below override")
+    p.add_argument("--rank", type=int, help="LRQK rank (default head_dim / 4: the paper's 32 at head_dim 128)")
+    p.add_argument("--top-k", type=int, help="LRQK top-k (default 256 cpu, 2048 cuda)")
+    p.add_argument("--recent", type=int, help="LRQK recent window (default 64)")
+    p.add_argument("--sinks", type=int, default=0, help="LRQK: first tokens always attended (default 0)")
+    p.add_argument("--policies", default="lrqk", help="comma list of LRQK selection policies to time (lrqk, exact, "
+                                                      "streaming, h2o, quest, loki)")
+    p.add_argument("--proxy", default="shared", help="LRQKConfig.proxy: shared (lrkv) / per query head, or group")
+    p.add_argument("--transformers", help="with --hf-export: also time this HF folder or .gguf in transformers")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on cpu: a small model's decode step is "
+                                                 "latency-bound, and one thread keeps timings steady on a shared "
+                                                 "machine; torch's default on cuda)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -40,34 +77,11 @@ from lrkv.inference.generate import DTYPES, load_tokenizer_file  # noqa: E402
 from lrkv.inference.lrqk import PRESETS, LRQKConfig, LRQKDecoder, MemoryPlanError  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
-K = 1024
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--config", help="model shape (default: lrkv_debug.yaml on cpu, lrkv_125m.yaml on cuda)")
-    p.add_argument("--hf-export", help="a converted Llama/Qwen2 export folder: full vs LRQK on that model")
-    p.add_argument("--text", help="with --hf-export: prompt tokens from this text file instead of random ids")
-    p.add_argument("--contexts", help="comma-separated prompt lengths (default: 1K..8K cpu, 4K..128K cuda, "
-                                      "32K,64K,128K with --hf-export)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, help="timed decode steps (default 16 cpu, 32 cuda)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--lrqk-preset", choices=sorted(PRESETS), help="rank/top-k/recent; flags below override")
-    p.add_argument("--rank", type=int, help="LRQK rank (default head_dim / 4: the paper's 32 at head_dim 128)")
-    p.add_argument("--top-k", type=int, help="LRQK top-k (default 256 cpu, 2048 cuda)")
-    p.add_argument("--recent", type=int, help="LRQK recent window (default 64)")
-    p.add_argument("--sinks", type=int, default=0)
-    p.add_argument("--policies", default="lrqk", help="comma list of LRQK selection policies to time (lrqk, exact, "
-                                                      "streaming, h2o, quest, loki)")
-    p.add_argument("--proxy", default="shared", help="LRQKConfig.proxy: shared (lrkv) / per query head, or group")
-    p.add_argument("--transformers", help="with --hf-export: also time this HF folder or .gguf in transformers")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on cpu: a small model's decode step is "
-                                                 "latency-bound, and one thread keeps timings steady on a shared "
-                                                 "machine; torch's default on cuda)")
+    p = parser()
     args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -16,15 +16,18 @@ import argparse
 import os
 import sys
 
-import torch
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(prog="python benchmarks/kernel.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 run under TRITON_INTERPRET=1, no timings")
-parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-cli = parser.parse_args()
+parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="inputs' dtype on CUDA (default bfloat16)")
+cli = parser.parse_args()  # before torch is imported: --help and usage errors answer at once
 if cli.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
-elif not torch.cuda.is_available():
+
+import torch  # noqa: E402
+
+if not cli.cpu_smoke and not torch.cuda.is_available():
     sys.exit("benchmarks/kernel.py needs CUDA (use --cpu-smoke for a tiny interpreter check of the script)")
 
 import torch.nn.functional as F  # noqa: E402

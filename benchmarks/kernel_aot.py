@@ -20,6 +20,38 @@ import os
 import sys
 import time
 
+SHIPPED = [(128, 64, 48), (128, 64, 64), (64, 32, 24)]  # (D, r_k, r_v): lrkv_2p5b, the benchmark, lrkv_125m
+SWEEP = [(d, rk, rv) for d in (64, 128) for rk, rv in ((16, 16), (32, 32), (64, 64), (32, 24), (64, 48))]
+KERNELS = ["_fwd", "_bwd_dq", "_bwd_dk", "_bwd_dv", "decode"]
+DECODE_VARIANTS = [(1, False), (1, True), (16, False), (16, True)]  # (new queries, padding mask)
+# the parser is built before torch is imported, so these mirror the kernels' (tests/test_cli.py checks they agree)
+ARCHS, DTYPE_NAMES = (80, 90), ("bf16", "fp16", "fp32")  # lrkv_attn.SMEM_LIMIT's keys; DTYPES' below
+
+
+def shape(text):
+    D, rk, rv = map(int, text.split(","))
+    return D, rk, rv
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch and Triton are loaded."""
+    p = argparse.ArgumentParser(prog="python benchmarks/kernel_aot.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="bf16 + fp16, D 64/128 and ranks 16/32/64/24/48")
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=ARCHS,
+                   help="compute capabilities to compile for (default: 90 80)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, help="default bf16 (--sweep: bf16 fp16)")
+    p.add_argument("--shape", type=shape, nargs="+", metavar="D,R_K,R_V", help="instead of the shipped shapes")
+    p.add_argument("--configs", choices=["all", "kept", "first"], default="all",
+                   help="every declared config, those each target keeps, or the first kept one")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS, help="default: all")
+    p.add_argument("--json", action="store_true", help="one JSON object per row instead of markdown")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and Triton load
+    parser().parse_args()
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("benchmarks/kernel_aot.py: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated to silence its warning
@@ -28,10 +60,6 @@ import torch  # noqa: E402
 
 from lrkv.kernels import aot  # noqa: E402
 
-SHIPPED = [(128, 64, 48), (128, 64, 64), (64, 32, 24)]  # (D, r_k, r_v): lrkv_2p5b, the benchmark, lrkv_125m
-SWEEP = [(d, rk, rv) for d in (64, 128) for rk, rv in ((16, 16), (32, 32), (64, 64), (32, 24), (64, 48))]
-KERNELS = ["_fwd", "_bwd_dq", "_bwd_dk", "_bwd_dv", "decode"]
-DECODE_VARIANTS = [(1, False), (1, True), (16, False), (16, True)]  # (new queries, padding mask)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,22 +77,8 @@ def rows(archs, dtypes, shapes, which, kernels):
                         yield dname, (D, rk, rv), r
 
 
-def shape(text):
-    D, rk, rv = map(int, text.split(","))
-    return D, rk, rv
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", action="store_true", help="bf16 + fp16, D 64/128 and ranks 16/32/64/24/48")
-    p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(aot.SMEM_LIMIT))
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default bf16 (--sweep: bf16 fp16)")
-    p.add_argument("--shape", type=shape, nargs="+", metavar="D,R_K,R_V", help="instead of the shipped shapes")
-    p.add_argument("--configs", choices=["all", "kept", "first"], default="all",
-                   help="every declared config, those each target keeps, or the first kept one")
-    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS, help="default: all")
-    p.add_argument("--json", action="store_true", help="one JSON object per row instead of markdown")
-    cli = p.parse_args()
+    cli = parser().parse_args()
     dtypes = cli.dtype or (["bf16", "fp16"] if cli.sweep else ["bf16"])
     shapes = cli.shape or (SWEEP if cli.sweep else SHIPPED)
     if not cli.json:

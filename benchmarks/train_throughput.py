@@ -16,11 +16,34 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from lrkv.config import Config, ConfigError, parse_cli  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+USAGE = "python benchmarks/train_throughput.py [--config FILE] [--steps N] [--warmup N] [--section.key=value ...]"
+OPTIONS = ("  --config FILE   default lrkv_debug.yaml\n"
+           "  --steps N       timed optimizer steps (default 20)\n"
+           "  --warmup N      untimed steps first: allocator, autotuning (default 5)")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+    """(the benchmark's options, the validated config); --help lists both, with every config field."""
+    p = argparse.ArgumentParser(add_help=False)  # --help goes on to parse_cli, which prints the config fields too
+    p.add_argument("--config", default="lrkv_debug.yaml")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args, overrides = p.parse_known_args(argv)
+    return args, parse_cli(["--config", args.config, *overrides], USAGE, __doc__.split("\n\n")[0], OPTIONS)
+
+
+if __name__ == "__main__":  # --help and config errors are answered here, before torch and Lightning load
+    try:
+        parse_args(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+import torch  # noqa: E402
+
 from lrkv.callbacks import peak_flops  # noqa: E402
-from lrkv.config import Config, parse_cli  # noqa: E402
 from lrkv.lit import LitLM  # noqa: E402
 
 
@@ -79,12 +102,7 @@ def measure(cfgs: list[Config], steps: int, warmup: int, device: torch.device) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="lrkv_debug.yaml")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    args, overrides = parser.parse_known_args(argv)
-    cfg = parse_cli(["--config", args.config, *overrides])
+    args, cfg = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mha = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn="mha", n_kv_head=None))
     rows = measure([cfg, mha], args.steps, args.warmup, device)

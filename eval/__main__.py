@@ -12,17 +12,46 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import runpy
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from eval import head_diversity, kv_memory, long_context, lrqk_agreement, perplexity
-from eval.common import cli, export_tokenizer, markdown_table
-from lrkv.export import load_export
-
 MODULES = ("perplexity", "long_context", "lrqk_agreement", "kv_memory", "head_diversity", "compare")
+SUITE_NAMES = ("full", "quick")  # the keys of SUITES below, for the parser (built before torch loads)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="run",
+                            help="`python -m eval run --help` lists its options; a module name runs that module")
+    r = sub.add_parser("run", prog="python -m eval run", help="evaluate one export into a report folder",
+                       description="Evaluate one export into REPORT_DIR/summary.md (+ perplexity.json and PNGs).")
+    r.add_argument("--export", required=True, help="export folder (config.json, model.safetensors, tokenizer.json)")
+    r.add_argument("--suite", choices=SUITE_NAMES, default="quick",
+                   help="quick (default): 8K perplexity tokens, passkey and niah_single, 5 items, 1 agreement "
+                        "prompt; full: 64K tokens, every task at 1x and 2x max_seq_len, 20 items, 4 prompts")
+    r.add_argument("--source", default="shakespeare", help="text for perplexity and the agreement prompts")
+    r.add_argument("--context", type=int, default=128, help="perplexity window (capped at max_seq_len)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
+    r.add_argument("--out", default="reports/eval", help="report folder (default %(default)s)")
+    return ap
+
+
+if __name__ == "__main__":  # --help, usage errors and a module's command line are answered before torch loads
+    if sys.argv[1:2] and sys.argv[1] in MODULES:  # `python -m eval X ARGS` runs as `python -m eval.X ARGS`
+        runpy.run_module(f"eval.{sys.argv.pop(1)}", run_name="__main__", alter_sys=True)
+        sys.exit()
+    parser().parse_args()
+
+import torch  # noqa: E402
+
+from eval import head_diversity, kv_memory, long_context, lrqk_agreement, perplexity  # noqa: E402
+from eval.common import cli, export_tokenizer, markdown_table  # noqa: E402
+from lrkv.export import load_export  # noqa: E402
+
 LRQK_ATTN = ("mha", "gqa", "mqa", "lrkv")  # LRQKDecoder has no MLA path
 SUITES = {
     "quick": {"ppl_tokens": 8192, "tasks": ["passkey", "niah_single"], "lengths": [1], "n": 5,
@@ -91,16 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in MODULES:
         importlib.import_module(f"eval.{argv[0]}").main(argv[1:])
         return
-    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="evaluate one export into a report folder")
-    r.add_argument("--export", required=True)
-    r.add_argument("--suite", choices=sorted(SUITES), default="quick")
-    r.add_argument("--source", default="shakespeare", help="text for perplexity and the agreement prompts")
-    r.add_argument("--context", type=int, default=128, help="perplexity window (capped at max_seq_len)")
-    r.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
-    r.add_argument("--out", default="reports/eval")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     print(run(args.export, args.suite, args.source, args.context, Path(args.out)))
 

@@ -25,15 +25,44 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+VARIANT_NAMES = "mha,gqa,mqa,mla,lrkv"  # eval.common.VARIANTS, for the parser (built before torch loads)
 
-from eval import head_diversity
-from eval.common import VARIANTS, cli, markdown_table, plt, save_figure
-from lrkv.config import load_config
-from lrkv.export import load_export
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
-from lrkv.lit import LitLM
-from lrkv.model import Transformer
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=VARIANT_NAMES,
+                   help="comma-separated attention variants, the first one's tokenizer shared (default %(default)s)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per LM run (16 x 128 tokens each)")
+    p.add_argument("--mqar-steps", type=int, default=600, help="0 skips the associative-recall study")
+    p.add_argument("--val-every", type=int, default=25, help="LM runs: optimizer steps between validations")
+    p.add_argument("--smooth", type=int, default=2, help="validation points in the trailing mean")
+    p.add_argument("--mqar-pairs", type=int, default=32, help="key-value pairs per MQAR sequence")
+    p.add_argument("--mqar-queries", type=int, default=16, help="keys asked per MQAR sequence (<= pairs)")
+    p.add_argument("--mqar-keys", type=int, default=64, help="distinct keys (pairs draw distinct ones)")
+    p.add_argument("--mqar-values", type=int, default=28, help="distinct values a key can hold")
+    p.add_argument("--mqar-seeds", type=int, default=3, help="MQAR trainings per variant (mean, min, max reported)")
+    p.add_argument("--mqar-eval", type=int, default=512, help="held-out sequences scored")
+    p.add_argument("--mqar-eval-every", type=int, default=100, help="MQAR steps between held-out scores")
+    p.add_argument("--mqar-lrqk-rank", type=int, default=8, help="LRQK rank when the queries decode through LRQK")
+    p.add_argument("--mqar-lrqk-top-k", type=int, default=8, help="of the ~pairs + queries keys before each query")
+    p.add_argument("--out", default="reports/compare", help="report folder: compare.md, runs/, plots (default "
+                                                             "%(default)s); finished runs there are reused")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+
+from eval import head_diversity  # noqa: E402
+from eval.common import VARIANTS, cli, markdown_table, plt, save_figure  # noqa: E402
+from lrkv.config import load_config  # noqa: E402
+from lrkv.export import load_export  # noqa: E402
+from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
+from lrkv.lit import LitLM  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "mha"
@@ -277,23 +306,7 @@ def mqar_study(variants: list[str], task: MQARTask, steps: int, seeds: int, eval
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per LM run (16 x 128 tokens each)")
-    ap.add_argument("--mqar-steps", type=int, default=600, help="0 skips the associative-recall study")
-    ap.add_argument("--val-every", type=int, default=25)
-    ap.add_argument("--smooth", type=int, default=2, help="validation points in the trailing mean")
-    ap.add_argument("--mqar-pairs", type=int, default=32, help="key-value pairs per MQAR sequence")
-    ap.add_argument("--mqar-queries", type=int, default=16)
-    ap.add_argument("--mqar-keys", type=int, default=64, help="distinct keys (pairs draw distinct ones)")
-    ap.add_argument("--mqar-values", type=int, default=28)
-    ap.add_argument("--mqar-seeds", type=int, default=3)
-    ap.add_argument("--mqar-eval", type=int, default=512, help="held-out sequences scored")
-    ap.add_argument("--mqar-eval-every", type=int, default=100)
-    ap.add_argument("--mqar-lrqk-rank", type=int, default=8)
-    ap.add_argument("--mqar-lrqk-top-k", type=int, default=8, help="of the ~pairs + queries keys before each query")
-    ap.add_argument("--out", default="reports/compare")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     out, variants = Path(args.out), args.variants.split(",")
     t0 = time.time()
 

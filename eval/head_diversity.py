@@ -18,12 +18,27 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
 
-from eval.common import cli, markdown_table, plt, save_figure
-from lrkv.export import load_export
-from lrkv.model import GroupedQueryAttention, LRKVAttention, MultiHeadLatentAttention, Transformer
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python -m eval.head_diversity", description=__doc__.split("\n\n")[0])
+    p.add_argument("exports", nargs="+", help="export folders to analyse and compare")
+    p.add_argument("--names", nargs="*", help="a label per export (default: the run folder's or export's name)")
+    p.add_argument("--raw", action="store_true", help="skip the unit-norm normalisation (scale then counts)")
+    p.add_argument("--out", default="reports/head_diversity",
+                   help="folder for head_diversity.md and .png (default %(default)s)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
+from lrkv.export import load_export  # noqa: E402
+from lrkv.model import GroupedQueryAttention, LRKVAttention, MultiHeadLatentAttention, Transformer  # noqa: E402
 
 OPERATORS = ("qk", "ov", "qk_query_only", "qk_key_only")
 TOP_K = (1, 2, 4)
@@ -162,12 +177,7 @@ def run(exports: list[str], names: list[str] | None, out: Path, normalize: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m eval.head_diversity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("exports", nargs="+")
-    ap.add_argument("--names", nargs="*")
-    ap.add_argument("--raw", action="store_true", help="skip the unit-norm normalisation (scale then counts)")
-    ap.add_argument("--out", default="reports/head_diversity")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     print(run(args.exports, args.names, Path(args.out), normalize=not args.raw))
 
 

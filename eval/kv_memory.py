@@ -19,13 +19,25 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
 
-from eval.common import VARIANTS, cli, markdown_table, plt, save_figure
-from lrkv.config import CONFIG_DIR, ModelConfig, load_config
-from lrkv.inference.lrqk import LRQKConfig, memory_plan
-from lrkv.info import mha_equivalent
-from lrkv.model import Transformer
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python -m eval.kv_memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="reports/kv_memory",
+                   help="folder for kv_memory.md and kv_memory.png (default %(default)s)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+
+from eval.common import VARIANTS, cli, markdown_table, plt, save_figure  # noqa: E402
+from lrkv.config import CONFIG_DIR, ModelConfig, load_config  # noqa: E402
+from lrkv.inference.lrqk import LRQKConfig, memory_plan  # noqa: E402
+from lrkv.info import mha_equivalent  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
 
 CONTEXTS = (4096, 8192, 32768, 131072)
 ATTN_ORDER = ("mha", "gqa", "mqa", "mla", "lrkv")
@@ -111,9 +123,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.kv_memory", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="reports/kv_memory")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     rows = kv_rows()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

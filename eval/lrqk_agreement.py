@@ -21,16 +21,41 @@ import dataclasses
 import math
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 
-from eval.common import cli, export_tokenizer, markdown_table, plt, save_figure
-from eval.perplexity import source_tokens
-from lrkv.export import load_export
-from lrkv.inference.cache import FullDecoder
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
-from lrkv.model import Transformer
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python -m eval.lrqk_agreement", description=__doc__.split("\n\n")[0])
+    p.add_argument("--export", required=True, help="export folder (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--source", default="shakespeare",
+                   help="text the prompts are cut from: shakespeare | local file/folder | hf:NAME[:CONFIG]")
+    p.add_argument("--split", default="val", choices=("val", "all"),
+                   help="val: the documents training held out (default); all: every document")
+    p.add_argument("--prompts", type=int, default=4, help="text windows, one prompt each (default %(default)s)")
+    p.add_argument("--prefix", type=int, default=192, help="prefilled tokens per prompt (default %(default)s)")
+    p.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps per prompt (default %(default)s)")
+    p.add_argument("--ranks", default="4,8,16", help="comma-separated LRQK ranks r swept (default %(default)s)")
+    p.add_argument("--top-ks", default="16,32,64", help="comma-separated top-k budgets swept (default %(default)s)")
+    p.add_argument("--recent", type=int, default=16, help="recent window, always attended (default %(default)s)")
+    p.add_argument("--sinks", type=int, default=4, help="first tokens always attended (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
+    p.add_argument("--out", default="reports/lrqk_agreement",
+                   help="folder for lrqk_agreement.md and .png (default %(default)s)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from eval.common import cli, export_tokenizer, markdown_table, plt, save_figure  # noqa: E402
+from eval.perplexity import source_tokens  # noqa: E402
+from lrkv.export import load_export  # noqa: E402
+from lrkv.inference.cache import FullDecoder  # noqa: E402
+from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
 
 
 class LayerProbe:
@@ -124,20 +149,7 @@ def text_windows(export: str, n: int, length: int, source: str, split: str) -> l
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.lrqk_agreement", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True)
-    ap.add_argument("--source", default="shakespeare")
-    ap.add_argument("--split", default="val", choices=("val", "all"))
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--prefix", type=int, default=192, help="prefilled tokens per prompt")
-    ap.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps per prompt")
-    ap.add_argument("--ranks", default="4,8,16")
-    ap.add_argument("--top-ks", default="16,32,64")
-    ap.add_argument("--recent", type=int, default=16)
-    ap.add_argument("--sinks", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
-    ap.add_argument("--out", default="reports/lrqk_agreement")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_export(args.export)
     windows = text_windows(args.export, args.prompts, args.prefix + args.steps, args.source, args.split)

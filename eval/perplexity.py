@@ -18,16 +18,39 @@ import argparse
 import json
 import math
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tokenizers import Tokenizer
-
-from eval.common import cli, export_tokenizer
 from lrkv.config import DataConfig
-from lrkv.data import documents, pack, split_documents
-from lrkv.export import load_export
-from lrkv.model import Transformer
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--export", required=True, help="export folder (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--source", default="shakespeare", help="shakespeare | local file/folder | hf:NAME[:CONFIG]")
+    p.add_argument("--split", default="val", choices=("val", "all"),
+                   help="val: the documents training held out (default); all: every document")
+    p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
+                   help="held-out share of documents, as in training's data.val_fraction (default %(default)s)")
+    p.add_argument("--text-field", default="text", help="the text column of .json/.jsonl/.parquet/hf: sources")
+    p.add_argument("--text-sample-by", default="document", choices=("document", "paragraph", "line"),
+                   help=".txt sources: one document per file (default), paragraph or line")
+    p.add_argument("--tokens", type=int, default=32768, help="predicted tokens scored (default %(default)s)")
+    p.add_argument("--context", type=int, default=128, help="window length in tokens (default %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass (default %(default)s)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from eval.common import cli, export_tokenizer  # noqa: E402
+from lrkv.data import documents, pack, split_documents  # noqa: E402
+from lrkv.export import load_export  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
 
 
 def source_tokens(tok: Tokenizer, source: str = "shakespeare", split: str = "val", val_fraction: float = 0.01,
@@ -63,17 +86,7 @@ def perplexity(model: Transformer, tok: Tokenizer, tokens: np.ndarray, n_tokens:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True)
-    ap.add_argument("--source", default="shakespeare", help="shakespeare | local file/folder | hf:NAME[:CONFIG]")
-    ap.add_argument("--split", default="val", choices=("val", "all"))
-    ap.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction)
-    ap.add_argument("--text-field", default="text")
-    ap.add_argument("--text-sample-by", default="document", choices=("document", "paragraph", "line"))
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     model, tok = load_export(args.export), export_tokenizer(args.export)
     tokens = source_tokens(tok, args.source, args.split, args.val_fraction, args.text_field, args.text_sample_by)
     result = {"source": args.source, "split": args.split,

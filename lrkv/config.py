@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/*.yaml: beside the package in a checkout, inside it (lrkv/configs/, pyproject's package-dir) once installed
+_PACKAGE = Path(__file__).resolve().parent
+CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 ATTENTION_TYPES = ("mha", "gqa", "mqa", "mla", "lrkv")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 

@@ -34,12 +34,29 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of DTYPES below, for the parser (built before torch loads)
 
-from lrkv.config import ConfigError, ModelConfig, model_config_from_dict
-from lrkv.export import ExportError, check_replaceable, check_state_dict, model_state_dict, save_export
-from lrkv.model import Transformer
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python -m lrkv.convert_hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="local HF folder (config.json + *.safetensors, + tokenizer.json), or a .gguf file "
+                               "or a folder holding one")
+    p.add_argument("out", help="lrkv export folder to write (an older export there is replaced atomically)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES,
+                   help="cast weights (default: keep the checkpoint's dtype; GGUF: dequantise to fp32)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from lrkv.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: E402
+from lrkv.export import ExportError, check_replaceable, check_state_dict, model_state_dict, save_export  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # general.architecture values transformers loads as the classes above
@@ -334,13 +351,7 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lrkv.convert_hf", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="local HF folder (config.json + *.safetensors, + tokenizer.json), or a .gguf file "
-                                    "or a folder holding one")
-    parser.add_argument("out", help="lrkv export folder to write (an older export there is replaced atomically)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
-                        help="cast weights (default: keep the checkpoint's dtype; GGUF: dequantise to fp32)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         cfg = convert(args.src, args.out, DTYPES.get(args.dtype))
     except ConvertError as e:

@@ -38,15 +38,29 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
-from lrkv.atomic import DiskFullError, disk_full_message, is_disk_full
-from lrkv.config import ConfigError, ModelConfig, model_config_from_dict
-from lrkv.model import Transformer
-from lrkv.tokenizer import EOS
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    p = argparse.ArgumentParser(prog="python -m lrkv.export", description="Write an export folder (config.json, "
+                                "model.safetensors, tokenizer.json) from a training checkpoint.")
+    p.add_argument("src", help="a Lightning .ckpt file, a DeepSpeed checkpoint folder, or a run folder")
+    p.add_argument("out", help="export folder to write (an older export's files there are replaced, other files kept)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from lrkv.atomic import DiskFullError, disk_full_message, is_disk_full  # noqa: E402
+from lrkv.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
+from lrkv.tokenizer import EOS  # noqa: E402
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 INDEX_NAME = "model.safetensors.index.json"  # save_pretrained(max_shard_size=...): tensor name -> shard file
@@ -377,12 +391,7 @@ def export_checkpoint(src: str | Path, out_dir: str | Path, tokenizer_file: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lrkv.export", description="Write an export folder (config.json,"
-                                     " model.safetensors, tokenizer.json) from a training checkpoint.")
-    parser.add_argument("src", help="a Lightning .ckpt file, a DeepSpeed checkpoint folder, or a run folder")
-    parser.add_argument("out", help="export folder to write (an older export's files there are replaced, other files kept)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         out = export_checkpoint(args.src, args.out, args.tokenizer)
     except (ExportError, DiskFullError) as e:

@@ -11,42 +11,59 @@ import argparse
 import sys
 import warnings
 
-import torch
-
-from lrkv.inference.generate import CACHE_MODES, DTYPES, Generator, Sampling
-from lrkv.inference.lrqk import POLICIES, PRESETS, LRQKConfig, MemoryPlanError, check_fits
-
 LRQK_FLAGS = ("rank", "top_k", "recent", "sinks", "policy", "lrqk_preset", "sparse_query_tail")
+# the parser is built before torch is imported, so these mirror lrkv.inference (tests/test_cli.py checks they agree)
+CACHE_MODES, DTYPE_NAMES = ("full", "lrqk"), ("bf16", "fp32")
+LRQK_PRESETS = ("accuracy", "memory", "paper")
+LRQK_POLICIES = ("lrqk", "exact", "streaming", "h2o", "quest", "loki")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
     p = argparse.ArgumentParser(prog="python -m lrkv.generate", description="Generate text from an lrkv export folder.")
     p.add_argument("--checkpoint", required=True, help="export folder (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--cache", choices=CACHE_MODES, default="full")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    p.add_argument("--cache", choices=CACHE_MODES, default="full",
+                   help="full: the model's own KV cache (default); lrqk: the LRQK hybrid GPU-CPU decoder")
     lrqk = p.add_argument_group("lrqk cache (only with --cache lrqk; explicit flags override the preset)")
-    lrqk.add_argument("--lrqk-preset", choices=sorted(PRESETS), help="rank/top-k/recent as in the LRQK paper")
-    lrqk.add_argument("--rank", type=int, help=f"proxy rank r (default {LRQKConfig.rank})")
+    lrqk.add_argument("--lrqk-preset", choices=LRQK_PRESETS, help="rank/top-k/recent as in the LRQK paper")
+    lrqk.add_argument("--rank", type=int, help="proxy rank r (default 32)")
     lrqk.add_argument("--top-k", type=int, help="selected tokens per step (default: from the prompt length, 256 up to "
                                                  "4K tokens, 1024 up to 16K, 2048 beyond)")
-    lrqk.add_argument("--recent", type=int, help=f"recent window W, always attended (default {LRQKConfig.recent})")
+    lrqk.add_argument("--recent", type=int, help="recent window W, always attended (default 64)")
     lrqk.add_argument("--sinks", type=int, help="first tokens always attended (default 0)")
-    lrqk.add_argument("--policy", choices=POLICIES, help="which tokens fill top-k: LRQK's proxy (default) or a peer")
+    lrqk.add_argument("--policy", choices=LRQK_POLICIES,
+                      help="which tokens fill top-k: LRQK's proxy (default) or a peer")
     lrqk.add_argument("--sparse-query-tail", type=int, help="feed the last N prompt tokens through sparse decode")
     s = p.add_argument_group("sampling")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens whose "
+                                                           "probability reaches p (default 1.0 = off)")
     s.add_argument("--sample-top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed repeats the draws (default 0)")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable); EOS always stops")
     s.add_argument("--stop-id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--strict-context", action="store_true",
                    help="refuse a prompt + --max-new-tokens longer than the model's max_seq_len (default: warn)")
     p.add_argument("--stats", action="store_true", help="print hit rate, bytes moved and tokens/s to stderr")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+
+from lrkv.inference.generate import DTYPES, Generator, Sampling  # noqa: E402
+from lrkv.inference.lrqk import PRESETS, LRQKConfig, MemoryPlanError, check_fits  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if args.cache == "full":
         given = [f"--{f.replace('_', '-')}" for f in LRQK_FLAGS if getattr(args, f) is not None]
