@@ -81,9 +81,11 @@ AUTO_MAP = {"AutoConfig": "modeling_lrkv.LRKVConfig", "AutoModel": "modeling_lrk
 # the remote code: these modules in this order, each one's `from lrkv...` imports resolved by the ones before
 REMOTE_SOURCES = ("config.py", "kernels/reference.py", "model.py", "hf.py")
 FUSED_STUB = '''
-# ---- lrkv.kernels (the fused Triton kernels ship with the lrkv package; this file runs the reference above)
-def fused_unavailable(x):
-    return "the fused kernels need the lrkv package (this is the export's standalone remote code)"
+# ---- lrkv.kernels (the Triton kernels ship with the lrkv package; this file runs the reference above)
+def lrkv_attend(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=True, scale=None, key_valid=None,
+                impl="torch", cached=False):
+    return lrkv_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=causal, scale=scale,
+                          key_valid=key_valid)
 '''
 
 
@@ -106,16 +108,15 @@ def remote_code() -> str:
     """modeling_lrkv.py: REMOTE_SOURCES concatenated, so the export never drifts from the package that wrote it.
 
     Top-level `from lrkv.X import a` lines go (a is defined above by then; `import a as b` becomes `b = a`); an
-    import inside a function (the Triton decode kernel, unreachable here: fused_unavailable always says why) becomes
-    a raise. A name defined by two modules, or imported before it is defined, is an error here, not in a user's
-    from_pretrained.
+    import inside a function becomes a raise. A name defined by two modules, or imported before it is defined, is
+    an error here, not in a user's from_pretrained.
     """
     root = Path(__file__).resolve().parent
     parts, defined = [], set()
     for rel in REMOTE_SOURCES:
         if rel == "model.py":
             parts.append(FUSED_STUB)
-            defined.add("fused_unavailable")
+            defined.add("lrkv_attend")
         source = (root / rel).read_text()
         lines = source.splitlines()
         tree = ast.parse(source)

@@ -21,12 +21,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lrkv.config import ModelConfig
-from lrkv.kernels import fused_unavailable, lrkv_attention
+from lrkv.kernels import lrkv_attend
 from lrkv.kernels.reference import causal_attention, rope
-from lrkv.kernels.reference import lrkv_attention as lrkv_attention_reference
 
-
-DECODE_KERNEL_MAX_TOKENS = 16  # cached steps of at most this many new tokens use the flash-decoding kernel
 
 
 def rope_tables(positions: torch.Tensor, dim: int, theta: float, scaling: dict | None = None):
@@ -233,18 +230,8 @@ class LRKVAttention(Attention):
             cos, sin = self.rope(torch.arange(cache.length, device=x.device), self.head_dim)
         # under autocast the projections come out in bf16 while B stays an fp32 parameter: cast it like a matmul input
         b_k, b_v = self.b_k.to(q.dtype), self.b_v.to(q.dtype)
-        args = (q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), b_k, b_v, cos, sin)
-        if cache is not None and T <= DECODE_KERNEL_MAX_TOKENS and self.cfg.attn_impl == "triton" \
-                and not torch.is_grad_enabled() and fused_unavailable(q) is None:
-            from lrkv.kernels.decode import lrkv_decode_attention  # imported late: TRITON_INTERPRET is read then
-
-            y = lrkv_decode_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, key_valid=key_valid)
-        elif key_valid is not None:  # padding masks exist only on the reference path
-            y = lrkv_attention_reference(*args, causal=True, key_valid=key_valid)
-        elif self.cfg.attn_impl == "triton":
-            y = lrkv_attention(*args, causal=True)
-        else:
-            y = lrkv_attention_reference(*args, causal=True)
+        y = lrkv_attend(q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), b_k, b_v, cos, sin, causal=True,
+                        key_valid=key_valid, impl=self.cfg.attn_impl, cached=cache is not None)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

@@ -100,3 +100,29 @@ def test_bad_shapes_are_refused():
         decode.lrkv_decode_attention(**{**x, "z_k": x["z_k"][:, :9]})
     with pytest.raises(ValueError, match="key_valid"):
         decode.lrkv_decode_attention(**{**x, "key_valid": torch.ones(2, 9, dtype=torch.bool, device=DEVICE)})
+
+
+def test_rows_wider_than_256_bytes_decode_through_the_reference_with_one_warning(monkeypatch):
+    """On a GPU the decode kernel has no spill-free config for fp32 at head_dim 128 or any dtype at 256
+    (benchmarks/kernel_aot.py): the dispatcher takes the reference there, saying so once; narrower rows keep the
+    kernel."""
+    import warnings
+
+    import lrkv.kernels as kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the device rule (the interpreter runs any width)
+    monkeypatch.setattr(kernels, "fused_unavailable", lambda x: None)  # as on CUDA, without launching anything
+    monkeypatch.setattr(kernels, "_warned", set())
+    x = make_inputs(1, 2, 1, 20, 128, 8, 8)
+    args = (x["q"], x["k_s"], x["v_s"], x["z_k"].transpose(1, 2), x["z_v"].transpose(1, 2), x["b_k"], x["b_v"],
+            x["cos"], x["sin"])
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="no spill-free config for head_dim 128 in torch.float32"):
+            o = kernels.lrkv_attend(*args, impl="triton", cached=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once only
+            kernels.lrkv_attend(*args, impl="triton", cached=True)
+    assert torch.equal(o, decode.lrkv_decode_reference(**x))
+    for D, dtype in ((128, torch.bfloat16), (64, torch.float32)):
+        assert kernels.decode_unavailable(torch.empty(1, 1, 1, D, dtype=dtype)) is None
+    assert "head_dim 256" in kernels.decode_unavailable(torch.empty(1, 1, 1, 256, dtype=torch.bfloat16))

@@ -131,16 +131,16 @@ def test_dispatch_uses_kernel_here_and_falls_back_once_with_a_warning(monkeypatc
     inputs = make_inputs(1, 2, 20, 20, 32, 8, 8)
     calls = []
     monkeypatch.setattr(lrkv_attn, "lrkv_attention_fused", lambda *a, **k: calls.append(1) or reference(*a, **k))
-    lrkv.kernels.lrkv_attention(*inputs)
+    lrkv.kernels.lrkv_attend(*inputs, impl="triton")
     assert calls == [1]
     if DEVICE == "cpu":  # without the interpreter a CPU tensor takes the reference, warning once
         monkeypatch.delenv("TRITON_INTERPRET")
         monkeypatch.setattr(lrkv.kernels, "_warned", set())
         with pytest.warns(UserWarning, match="attn_impl=triton: no CUDA device"):
-            o = lrkv.kernels.lrkv_attention(*inputs)
+            o = lrkv.kernels.lrkv_attend(*inputs, impl="triton")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once only
-            lrkv.kernels.lrkv_attention(*inputs)
+            lrkv.kernels.lrkv_attend(*inputs, impl="triton")
         assert len(calls) == 1 and torch.equal(o, reference(*inputs))
 
 

@@ -1,5 +1,7 @@
-"""Attention ops. `lrkv_attention` is the single entry point for `attn_impl: triton`: the fused Triton kernel
-(lrkv_attn.py) on CUDA or under TRITON_INTERPRET=1, else the reference (reference.py, the oracle and CPU path)."""
+"""Attention ops. `lrkv_attend` is the one place that picks an LRKV attention backend: the PyTorch reference
+(reference.py: the oracle and the CPU path), the fused Triton kernel (lrkv_attn.py, forward and backward) or the
+flash-decoding kernel (decode.py) for cached steps. Triton modules are imported only when a kernel runs, since
+TRITON_INTERPRET is read at their import (triton_util.py)."""
 
 import importlib.util
 import os
@@ -9,11 +11,13 @@ import torch
 
 from lrkv.kernels.reference import lrkv_attention as lrkv_attention_reference
 
+DECODE_MAX_TOKENS = 16  # cached steps of at most this many new tokens take the flash-decoding kernel
+MAX_ROW_BYTES = 256  # wider head rows (fp32 at D 128, any dtype at D 256) spill or overflow shared memory (both kernels)
 _warned: set[str] = set()
 
 
 def fused_unavailable(x: torch.Tensor) -> str | None:
-    """Why the fused kernel cannot run on tensors like x, or None when it can."""
+    """Why the Triton kernels cannot run on tensors like x, or None when they can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if x.is_cuda:
@@ -25,15 +29,47 @@ def fused_unavailable(x: torch.Tensor) -> str | None:
     return None
 
 
-def lrkv_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=True, scale=None):
-    """LRKV attention (spec lrkv.md §10): fused Triton kernel where it can run, else the reference with a
-    one-time warning. Shapes the kernel cannot take (head_dim, rank, dtype) raise, naming the limit."""
+def decode_unavailable(q: torch.Tensor) -> str | None:
+    """Why the flash-decoding kernel cannot take q, or None: besides fused_unavailable, head rows wider than
+    MAX_ROW_BYTES (fp32 at head_dim 128, any dtype at 256) spill or overflow shared memory on sm_80
+    (benchmarks/kernel_aot.py); the interpreter runs any width."""
     reason = fused_unavailable(q)
-    if reason is None:
-        from lrkv.kernels.lrkv_attn import lrkv_attention_fused  # imported late: TRITON_INTERPRET is read then
+    if reason is None and os.environ.get("TRITON_INTERPRET") != "1" and q.shape[-1] * q.element_size() > MAX_ROW_BYTES:
+        reason = (f"the decode kernel has no spill-free config for head_dim {q.shape[-1]} in {q.dtype} "
+                  f"(rows over {MAX_ROW_BYTES} bytes)")
+    return reason
 
-        return lrkv_attention_fused(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=causal, scale=scale)
+
+def _fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"attn_impl=triton: {reason}; using the PyTorch reference", stacklevel=2)
-    return lrkv_attention_reference(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=causal, scale=scale)
+        warnings.warn(f"attn_impl=triton: {reason}; using the PyTorch reference", stacklevel=3)
+
+
+def lrkv_attend(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=True, scale=None, key_valid=None,
+                impl: str = "torch", cached: bool = False):
+    """LRKV attention (spec lrkv.md §10; shapes as reference.lrkv_attention, z_k/z_v as (B, H, T, r)).
+
+    impl="torch" (model.attn_impl): the reference. impl="triton": a cached step (`cached`, at most DECODE_MAX_TOKENS new
+    queries, no autograd) takes the decode kernel, which reads z in the cache's (B, T, H, r) layout and takes
+    padding masks; anything else the fused kernel, except with a padding mask (key_valid), which only the
+    reference takes. Where a kernel cannot run, the reference with a one-time warning naming why; shapes a kernel
+    cannot take (head_dim, rank, dtype) raise, naming the limit."""
+    if impl == "triton":
+        if cached and q.shape[2] <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
+            reason = decode_unavailable(q)
+            if reason is None:
+                from lrkv.kernels.decode import lrkv_decode_attention
+
+                return lrkv_decode_attention(q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), b_k, b_v, cos,
+                                             sin, key_valid=key_valid, scale=scale)
+            _fallback(reason)
+        elif key_valid is None:
+            reason = fused_unavailable(q)
+            if reason is None:
+                from lrkv.kernels.lrkv_attn import lrkv_attention_fused
+
+                return lrkv_attention_fused(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=causal, scale=scale)
+            _fallback(reason)
+    return lrkv_attention_reference(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=causal, scale=scale,
+                                    key_valid=key_valid)

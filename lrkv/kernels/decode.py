@@ -14,7 +14,6 @@ splits and projects the merged latent acc_z @ b_v[h] once. Per-head K/V for the 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -23,18 +22,13 @@ import triton.language as tl
 
 from lrkv.kernels.reference import check_lrkv_inputs
 from lrkv.kernels.reference import lrkv_attention as lrkv_attention_reference
+from lrkv.kernels.triton_util import INTERPRET, LOG2E, alignment, dot_dim, unit_last_stride
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # what @triton.jit below saw when this module was imported
-LOG2E = 1.4426950408889634
 
 
 def decode_supported(device: torch.device) -> bool:
     """The kernel runs on CUDA, or on any device's tensors when Triton was imported in interpreter mode."""
     return device.type == "cuda" or INTERPRET
-
-
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
 
 
 @triton.jit
@@ -153,10 +147,6 @@ def _num_warps(head_dim: int) -> int:
     return 8 if head_dim >= 128 else 4  # zero spills at D 64 / BN 64 (w4) and D 128 / BN 32 (w8)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def decode_partials(q, k_s, v_s, z_k, z_v, b_k, cos, sin, key_valid: torch.Tensor | None, scale: float,
                     block_n: int, out: Partials) -> Partials:
     """Launch the split kernel, writing every entry of `out` (from empty_partials with the same block_n)."""
@@ -165,10 +155,10 @@ def decode_partials(q, k_s, v_s, z_k, z_v, b_k, cos, sin, key_valid: torch.Tenso
     S = triton.cdiv(Tk, block_n)
     if block_n < 16 or block_n & (block_n - 1) or out.m.shape[2] != S:
         raise ValueError(f"decode_partials: block_n must be a power of two >= 16 matching out, got {block_n}")
-    q, k_s, v_s, z_k, z_v, b_k = map(_last_dim_contiguous, (q, k_s, v_s, z_k, z_v, b_k))
+    q, k_s, v_s, z_k, z_v, b_k = map(unit_last_stride, (q, k_s, v_s, z_k, z_v, b_k))
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    valid = _last_dim_contiguous(key_valid) if key_valid is not None else q.new_ones(1, 1, dtype=torch.bool)
-    block_half = _pow2(D // 2)
+    valid = unit_last_stride(key_valid) if key_valid is not None else q.new_ones(1, 1, dtype=torch.bool)
+    block_half = dot_dim(D // 2)
     _decode_partials_kernel[(B, S)](
         q, k_s, v_s, z_k, z_v, b_k, cos, sin, valid,
         out.m, out.l, out.acc_s, out.acc_z,
@@ -178,9 +168,9 @@ def decode_partials(q, k_s, v_s, z_k, z_v, b_k, cos, sin, key_valid: torch.Tenso
         z_k.stride(0), z_k.stride(1), z_k.stride(2), z_v.stride(0), z_v.stride(1), z_v.stride(2),
         b_k.stride(0), b_k.stride(1), cos.stride(0), valid.stride(0),
         HAS_VALID=key_valid is not None, HAS_ZK=rank_k > 0, HAS_ZV=rank_v > 0,
-        BLOCK_Q=_pow2(Tq), BLOCK_N=block_n, BLOCK_HALF=block_half,
-        BLOCK_RK=_pow2(rank_k), BLOCK_RV=_pow2(rank_v),
-        ZK_ALIGN=math.gcd(16, *z_k.stride()[:3]), ZV_ALIGN=math.gcd(16, *z_v.stride()[:3]),  # as lrkv_attn
+        BLOCK_Q=dot_dim(Tq), BLOCK_N=block_n, BLOCK_HALF=block_half,
+        BLOCK_RK=dot_dim(rank_k), BLOCK_RV=dot_dim(rank_v),
+        ZK_ALIGN=alignment(z_k), ZV_ALIGN=alignment(z_v),
         rank_k=rank_k, rank_v=rank_v,
         num_warps=_num_warps(D),
     )

@@ -24,14 +24,13 @@ Per-batch and per-head base offsets are int64 (they pass 2^31 elements at B 16, 
 RoPE tables are cast to the input dtype, as reference.rope does. Autotune configs (TILES) were chosen from
 ptxas register/spill reports for sm_80 and sm_90 (compiled ahead of time; no GPU has timed them).
 Queries may be fewer than keys (bottom-right aligned causal mask, as the reference). Ranks are padded to a
-power of two >= 16 with masked loads; rank 0 is padded to rank 1 with zeros. Limits: head_dim in HEAD_DIMS
+power of two >= 16 with masked loads; rank 0 is padded to rank 1 with zeros. Limits: head_dim in FUSED_HEAD_DIMS
 (RoPE halves are tl.dot operands, so D/2 >= 16), ranks <= head_dim, dtype fp16/bf16/fp32 (fp32 only under
 the interpreter, whose bf16 tl.dot is wrong). On CUDA, rows wider than 256 bytes (fp32 at head_dim 128, head_dim
 256) have no config that fits and take the reference (see kept_configs).
 """
 
 import math
-import os
 import warnings
 
 import torch
@@ -41,13 +40,12 @@ import triton.language as tl
 
 from lrkv.kernels.reference import check_lrkv_inputs
 from lrkv.kernels.reference import lrkv_attention as reference_attention
+from lrkv.kernels import MAX_ROW_BYTES
+from lrkv.kernels.triton_util import FUSED_HEAD_DIMS, INTERPRET, LOG2E, alignment, dot_dim, unit_last_stride
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton.jit decides when the kernels are defined
-HEAD_DIMS = (32, 64, 128, 256)
 DTYPES = (torch.float32,) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[str] = set()  # reference fallbacks already reported
 POISON_OUTPUTS = False  # tests: outputs start as NaN so elements a kernel forgets to write show up
-LOG2E = 1.4426950408889634
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per-block shared memory (opt-in maximum), by compute capability
 
 
@@ -77,7 +75,7 @@ def kept_configs(kernel, arch, D, elem_size):
     """The configs `kernel` may launch on sm_<arch>: that target's tiles, none for rows wider than 256 bytes
     (fp32 at head_dim 128, any dtype at 256): there every config spills or overflows shared memory on both
     targets (benchmarks/kernel_aot.py), and the op falls back to the reference."""
-    tiles = TILES[kernel][_family(arch)] if D * elem_size <= 256 else []
+    tiles = TILES[kernel][_family(arch)] if D * elem_size <= MAX_ROW_BYTES else []
     return [triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
@@ -348,7 +346,7 @@ def dot_macs(B, H, Tq, Tk, D, r_k, r_v, tiles: dict, causal: bool = True) -> dic
     """Multiply-adds the kernels' tl.dot calls perform, per kernel, given each kernel's (BM, BN) tiles (e.g. the
     autotuner's best_config): the loops above counted tile by tile, padded ranks included. Against
     flash_attention2_macs this is the work ratio a measured time ratio should be read against."""
-    RK, RV, offset = _rank_pad(max(r_k, 1)), _rank_pad(max(r_v, 1)), Tk - Tq
+    RK, RV, offset = dot_dim(max(r_k, 1)), dot_dim(max(r_v, 1)), Tk - Tq
     out = {}
     for kernel in ("_fwd", "_bwd_dq"):
         BM, BN = tiles[kernel]
@@ -380,17 +378,13 @@ def flash_attention2_macs(B, H, Tq, Tk, D, causal: bool = True) -> dict:
 def check_fused_supported(q, z_k, z_v) -> None:
     """Raise a ValueError naming the kernel limit a call breaks (the reference takes any shape)."""
     D, r_k, r_v = q.shape[-1], z_k.shape[-1], z_v.shape[-1]
-    if D not in HEAD_DIMS:
-        raise ValueError(f"fused lrkv_attention: head_dim must be one of {HEAD_DIMS}, got {D}")
+    if D not in FUSED_HEAD_DIMS:
+        raise ValueError(f"fused lrkv_attention: head_dim must be one of {FUSED_HEAD_DIMS}, got {D}")
     if max(r_k, r_v) > D:
         raise ValueError(f"fused lrkv_attention: ranks must be <= head_dim {D}, got r_k={r_k}, r_v={r_v}")
     if q.dtype not in DTYPES:
         where = "under TRITON_INTERPRET=1" if INTERPRET else "on CUDA"
         raise ValueError(f"fused lrkv_attention: dtype must be one of {DTYPES} {where}, got {q.dtype}")
-
-
-def _rank_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
 
 
 def _bucket(Tq: int, Tk: int) -> int:
@@ -404,29 +398,19 @@ def _new(shape, like, dtype=None):
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _unit_last(*ts):
-    """Kernels take strides for every dim but the last, which must be 1."""
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
-
-
 def _strides(q, k_s, v_s, z_k, z_v):
     return (*q.stride()[:3], *k_s.stride()[:2], *v_s.stride()[:2], *z_k.stride()[:3], *z_v.stride()[:3])
 
 
-def _alignment(z):
-    """The largest power of two <= 16 dividing z's batch, head and row strides (elements)."""
-    return math.gcd(16, *z.stride()[:3])
-
-
 def _meta(q, k_s, z_k, z_v, causal):
-    return dict(D=q.shape[-1], RK=z_k.shape[-1], RV=z_v.shape[-1], RKP=_rank_pad(z_k.shape[-1]),
-                RVP=_rank_pad(z_v.shape[-1]), CAUSAL=causal, ZK_ALIGN=_alignment(z_k), ZV_ALIGN=_alignment(z_v))
+    return dict(D=q.shape[-1], RK=z_k.shape[-1], RV=z_v.shape[-1], RKP=dot_dim(z_k.shape[-1]),
+                RVP=dot_dim(z_v.shape[-1]), CAUSAL=causal, ZK_ALIGN=alignment(z_k), ZV_ALIGN=alignment(z_v))
 
 
 def launch_fwd(q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor, z_v: torch.Tensor,
                b_k: torch.Tensor, b_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k_s, v_s, z_k, z_v = _unit_last(q, k_s, v_s, z_k, z_v)
+    q, k_s, v_s, z_k, z_v = map(unit_last_stride, (q, k_s, v_s, z_k, z_v))
     b_k, b_v = b_k.contiguous(), b_v.contiguous()
     cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()  # as reference.rope
     B, H, Tq, D = q.shape
@@ -451,7 +435,7 @@ def _(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal, scale):
 def launch_bwd(do: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor,
                z_v: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float) -> list[torch.Tensor]:
-    q, k_s, v_s, z_k, z_v = _unit_last(q, k_s, v_s, z_k, z_v)
+    q, k_s, v_s, z_k, z_v = map(unit_last_stride, (q, k_s, v_s, z_k, z_v))
     do, o, lse, b_k, b_v = do.contiguous(), o.contiguous(), lse.contiguous(), b_k.contiguous(), b_v.contiguous()
     cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()  # as reference.rope
     B, H, Tq, D = q.shape
