@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-MODULES = ("perplexity", "long_context", "lrqk_agreement", "kv_memory", "head_diversity", "compare")
+MODULES = ("perplexity", "long_context", "ruler", "lrqk_agreement", "kv_memory", "head_diversity", "compare", "models")
 SUITE_NAMES = ("full", "quick")  # the keys of SUITES below, for the parser (built before torch loads)
 
 

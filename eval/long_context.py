@@ -34,15 +34,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer
+# the task generators' names (TASKS below), spelled here so that --help needs no heavy import
+TASK_NAMES = ("passkey", "niah_single", "niah_multikey", "niah_multikey_uuid", "niah_multivalue", "niah_multiquery",
+              "vt", "cwe", "fwe", "mqar", "qa")
 
-from eval.common import cli, export_tokenizer, markdown_table
-from lrkv.export import load_export
-from lrkv.inference.cache import FullDecoder
-from lrkv.inference.generate import eos_ids
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
-from lrkv.tokenizer import eos_id
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    ap = argparse.ArgumentParser(prog="python -m eval.long_context", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--export", required=True, help="export folder (config.json, model.safetensors, tokenizer.json)")
+    ap.add_argument("--tasks", default="passkey,niah_single", help=f"comma list of {', '.join(TASK_NAMES)}")
+    ap.add_argument("--lengths", default="512,1024", help="comma list of target prompt lengths in tokens")
+    ap.add_argument("--n", type=int, default=10, help="items per task and length")
+    ap.add_argument("--cache", default="full,lrqk", help="comma list of full|lrqk")
+    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, cycled over items")
+    ap.add_argument("--rank", type=int, default=8, help="LRQK proxy rank (default %(default)s)")
+    ap.add_argument("--top-k", type=int, default=64, help="LRQK selected tokens per step (default %(default)s)")
+    ap.add_argument("--recent", type=int, default=16, help="LRQK recent window (default %(default)s)")
+    ap.add_argument("--sinks", type=int, default=4, help="LRQK first tokens always attended (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="item i is generated from seed + i (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
+    ap.add_argument("--out", default="reports/long_context", help="report folder (long_context.md)")
+    return ap
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from eval.common import cli, export_tokenizer, markdown_table  # noqa: E402
+from lrkv.export import load_export  # noqa: E402
+from lrkv.inference.cache import FullDecoder  # noqa: E402
+from lrkv.inference.generate import eos_ids  # noqa: E402
+from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
+from lrkv.tokenizer import eos_id  # noqa: E402
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 
@@ -400,21 +427,7 @@ def evaluate(model, tok: Tokenizer, tasks: list[str], lengths: list[int], n: int
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.long_context", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True)
-    ap.add_argument("--tasks", default="passkey,niah_single", help=f"comma list of {sorted(TASKS)}")
-    ap.add_argument("--lengths", default="512,1024", help="comma list of target prompt lengths in tokens")
-    ap.add_argument("--n", type=int, default=10, help="items per task and length")
-    ap.add_argument("--cache", default="full,lrqk", help="comma list of full|lrqk")
-    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, cycled over items")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=64)
-    ap.add_argument("--recent", type=int, default=16)
-    ap.add_argument("--sinks", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
-    ap.add_argument("--out", default="reports/long_context")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_export(args.export), export_tokenizer(args.export)
     lrqk = {"rank": args.rank, "top_k": args.top_k, "recent": args.recent, "sinks": args.sinks}

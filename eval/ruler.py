@@ -26,20 +26,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import dataclasses
+import gc
 import json
 import time
 from pathlib import Path
-
-import torch
-
-from eval.common import cli, markdown_table, plt, save_figure
-from eval.long_context import answer_budget, corpus_speeches, encode, make_item, stop_ids, string_match_all
-from lrkv.export import load_export, load_model_config
-from lrkv.inference.generate import load_tokenizer_file
-from lrkv.inference.lrqk import Lockstep, LRQKConfig, LRQKDecoder, memory_plan
-from lrkv.inference.lrqk.plan import geometry
 
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
 # RULER's tokens_to_generate per task; the decode stops earlier at EOS or once every answer could have been written
@@ -47,6 +38,46 @@ GEN_CAP = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "ni
            "cwe": 120, "fwe": 50, "qa": 32}
 METHOD_POLICY = {"lrqk": "lrqk", "exact_topk": "exact", "quest": "quest", "loki": "loki", "h2o": "h2o",
                  "streaming": "streaming"}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; needs no heavy import, so --help answers before torch is loaded."""
+    ap = argparse.ArgumentParser(prog="python -m eval.ruler", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--export", required=True, help="an export folder (e.g. from python -m eval.models smollm2 DIR)")
+    ap.add_argument("--lengths", default="1024,2048,4096", help="comma list of context lengths in tokens")
+    ap.add_argument("--tasks", default=",".join(RULER_TASKS), help=f"comma list of {', '.join(RULER_TASKS)}")
+    ap.add_argument("--methods", default="full,lrqk,exact_topk,quest,loki,h2o,streaming",
+                    help="comma list: full or a policy (lrqk exact_topk quest loki h2o streaming), each with optional "
+                         ":key=value overrides (budget or an LRQKConfig field), e.g. lrqk:rank=8")
+    ap.add_argument("--budget", type=int, default=256, help="rows attended per step and stream: sinks+recent+top_k")
+    ap.add_argument("--recent", type=int, default=32, help="recent window inside the budget")
+    ap.add_argument("--sinks", type=int, default=4, help="first tokens inside the budget")
+    ap.add_argument("--rank", type=int, default=32, help="LRQK rank; Loki's PCA rank")
+    ap.add_argument("--n", type=int, default=5, help="items per task and length")
+    ap.add_argument("--seed", type=int, default=0, help="item i is generated from seed + i (default %(default)s)")
+    ap.add_argument("--start", type=int, default=0, help="first item index (to finish an interrupted run: items "
+                                                         "start..n-1; merge the records with --report-only)")
+    ap.add_argument("--recall", action="store_true", help="also measure recall@k of each policy vs exact top-k")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out", default="reports/ruler",
+                    help="report folder: ruler.md, ruler_accuracy.png, records.jsonl, settings.json")
+    ap.add_argument("--report-only", nargs="+", metavar="RECORDS",
+                    help="no run: write the report from records.jsonl files of earlier (e.g. parallel) runs")
+    return ap
+
+
+if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
+    parser().parse_args()
+
+import torch  # noqa: E402
+
+from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
+from eval.long_context import (answer_budget, corpus_speeches, encode, make_item, stop_ids,  # noqa: E402
+                               string_match_all)
+from lrkv.export import load_export, load_model_config  # noqa: E402
+from lrkv.inference.generate import load_tokenizer_file  # noqa: E402
+from lrkv.inference.lrqk import Lockstep, LRQKConfig, LRQKDecoder, memory_plan  # noqa: E402
+from lrkv.inference.lrqk.plan import geometry  # noqa: E402
 
 
 def parse_method(spec: str, budget: int, base: dict) -> tuple[str, LRQKConfig | None]:
@@ -219,26 +250,7 @@ def plot(records: list[dict], methods: list[str], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m eval.ruler", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True, help="an export folder (e.g. from python -m eval.models smollm2 DIR)")
-    ap.add_argument("--lengths", default="1024,2048,4096", help="comma list of context lengths in tokens")
-    ap.add_argument("--tasks", default=",".join(RULER_TASKS), help=f"comma list of {', '.join(RULER_TASKS)}")
-    ap.add_argument("--methods", default="full,lrqk,exact_topk,quest,loki,h2o,streaming",
-                    help="comma list: full or a policy (lrqk exact_topk quest loki h2o streaming), each with optional "
-                         ":key=value overrides (budget or an LRQKConfig field), e.g. lrqk:rank=8")
-    ap.add_argument("--budget", type=int, default=256, help="rows attended per step and stream: sinks+recent+top_k")
-    ap.add_argument("--recent", type=int, default=32, help="recent window inside the budget")
-    ap.add_argument("--sinks", type=int, default=4, help="first tokens inside the budget")
-    ap.add_argument("--rank", type=int, default=32, help="LRQK rank; Loki's PCA rank")
-    ap.add_argument("--n", type=int, default=5, help="items per task and length")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--start", type=int, default=0, help="first item index (to finish an interrupted run: items "
-                                                         "start..n-1; merge the records with --report-only)")
-    ap.add_argument("--recall", action="store_true", help="also measure recall@k of each policy vs exact top-k")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out", default="reports/ruler")
-    ap.add_argument("--report-only", nargs="+", metavar="RECORDS",
-                    help="no run: write the report from records.jsonl files of earlier (e.g. parallel) runs")
+    ap = parser()
     args = ap.parse_args(argv)
     if args.report_only:
         records = [json.loads(line) for p in args.report_only for line in Path(p).read_text().splitlines() if line]

@@ -31,7 +31,8 @@ ENTRY_POINTS = {
     "eval run": (["-m", "eval", "run"], "python -m eval run"),
     "eval perplexity": (["-m", "eval", "perplexity"], "python -m eval.perplexity"),  # python -m eval MODULE ARGS
     **{f"eval.{m}": (["-m", f"eval.{m}"], f"python -m eval.{m}")
-       for m in ("perplexity", "lrqk_agreement", "kv_memory", "head_diversity", "compare", "models")},
+       for m in ("perplexity", "lrqk_agreement", "kv_memory", "head_diversity", "compare", "models", "ruler",
+                 "long_context")},
     **{f"benchmarks/{b}": ([f"benchmarks/{b}"], f"python benchmarks/{b}")
        for b in ("decode.py", "kernel.py", "kernel_aot.py", "train_throughput.py")},
 }
@@ -88,6 +89,7 @@ def code_choices() -> dict[str, list[str]]:
     (they import torch), so the parser spells them out."""
     from eval.__main__ import SUITES
     from eval.common import VARIANTS
+    from eval.long_context import TASKS
     from lrkv.convert_hf import DTYPES as CONVERT_DTYPES
     from lrkv.inference.generate import CACHE_MODES, DTYPES
     from lrkv.inference.lrqk import POLICIES, PRESETS, LRQKConfig
@@ -103,12 +105,13 @@ def code_choices() -> dict[str, list[str]]:
         "lrkv.convert_hf": [braces(sorted(CONVERT_DTYPES))],
         "eval run": [braces(sorted(SUITES))],
         "eval.compare": [f"(default {','.join(VARIANTS)})"],
+        "eval.long_context": [", ".join(TASKS)],
         "benchmarks/decode.py": [braces(sorted(DTYPES)), braces(sorted(PRESETS))],
         "benchmarks/kernel_aot.py": [braces(sorted(SMEM_LIMIT))],
     }
 
 
-@pytest.mark.parametrize("name", ["lrkv.generate", "lrkv.convert_hf", "eval run", "eval.compare",
+@pytest.mark.parametrize("name", ["lrkv.generate", "lrkv.convert_hf", "eval run", "eval.compare", "eval.long_context",
                                   "benchmarks/decode.py", "benchmarks/kernel_aot.py"])
 def test_help_offers_the_choices_the_code_defines(name):
     out = " ".join(help_of(name).stdout.split())  # argparse wraps lines at spaces
