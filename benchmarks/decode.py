@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
                                                       "streaming, h2o, quest, loki)")
     p.add_argument("--proxy", default="shared", help="LRQKConfig.proxy: shared (lrkv) / per query head, or group")
     p.add_argument("--transformers", help="with --hf-export: also time this HF folder or .gguf in transformers")
+    p.add_argument("--split", action="store_true",
+                   help="also profile --steps more LRQK steps and print where a layer-step's time goes (proxy "
+                        "solve, scoring, top-k, hit/miss, gather, attention, store; CUDA time too on a GPU)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on cpu: a small model's decode step is "
                                                  "latency-bound, and one thread keeps timings steady on a shared "
                                                  "machine; torch's default on cuda)")
@@ -154,7 +157,7 @@ def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor
         decoder = FullDecoder(model)
     else:
         decoder = LRQKDecoder(model, dataclasses.replace(lrqk, policy=cache), gpu_device=args.device,
-                              pin_memory=args.device == "cuda", max_context=ctx + total)
+                              pin_memory=args.device == "cuda", max_context=ctx + total + args.steps)
     start = time.perf_counter()
     decoder.prefill(tokens[:, :ctx], logits_to_keep=1)
     sync(args.device)
@@ -179,9 +182,60 @@ def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor
         host, dev = 0, row_bytes * decoder.cache.length * args.batch
     else:
         host, dev = decoder.allocated_bytes()
+    split = phase_split(decoder, tokens[:, -1:], args) if args.split and isinstance(decoder, LRQKDecoder) else None
     return dict(tok_s=args.batch / step_s, ms=1e3 * step_s, dev=dev, host=host, prefill_s=prefill_s,
                 moved=moved["bytes_moved"] / args.steps,
-                hit=moved["hits"] / moved["selections"] if moved["selections"] else None)
+                hit=moved["hits"] / moved["selections"] if moved["selections"] else None, split=split)
+
+
+# the decode step's named ranges (LRQKLayer.decode; lrqk.solve nests in lrqk.score, lrqk.gather in lrqk.pool)
+PHASES = ("lrqk.store", "lrqk.score", "lrqk.solve", "lrqk.topk", "lrqk.pool", "lrqk.gather", "lrqk.attention")
+
+
+def phase_split(decoder: LRQKDecoder, token: torch.Tensor, args: argparse.Namespace) -> dict:
+    """--steps more decode steps under torch.profiler: microseconds per layer-step in each phase (host time; on a
+    GPU also device time), nested ranges taken apart. Profiling adds overhead to every op, so `step` (the
+    profiled step) exceeds the timed one; the phases' shares are what to read."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sync(args.device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            decoder.step(token)
+        sync(args.device)
+        elapsed = time.perf_counter() - start
+    per = 1e6 / (args.steps * len(decoder.model.layers))  # us per layer-step
+    totals = {e.key: (e.cpu_time_total * per / 1e6, e.device_time_total * per / 1e6 if gpu else None)
+              for e in prof.key_averages() if e.key in PHASES}
+    t = {k: totals.get(k, (0.0, 0.0 if gpu else None)) for k in PHASES}
+
+    def minus(a, b):
+        return tuple(None if x is None else x - y for x, y in zip(a, b))
+
+    named = {"proxy solve": t["lrqk.solve"], "scoring": minus(t["lrqk.score"], t["lrqk.solve"]),
+             "top-k": t["lrqk.topk"], "hit/miss": minus(t["lrqk.pool"], t["lrqk.gather"]),
+             "gather": t["lrqk.gather"], "attention": t["lrqk.attention"], "store": t["lrqk.store"]}
+    step = elapsed * per
+    rest = step - sum(t[k][0] for k in ("lrqk.store", "lrqk.score", "lrqk.topk", "lrqk.pool", "lrqk.attention"))
+    return {**named, "rest of the layer (projections, MLP)": (rest, None), "step": (step, None)}
+
+
+def print_split(rows: list[dict]) -> None:
+    """One line per profiled LRQK case: us per layer-step of each phase, host (and device) time."""
+    rows = [r for r in rows if r.get("split")]
+    if not rows:
+        return
+    names = list(rows[0]["split"])
+    print("\nLRQK decode, us per layer-step (host time; /device time on a GPU), profiled:")
+    head = ("context", "cache", *names)
+    lines = [(fmt_ctx(r["ctx"]), r["cache"], *(f"{h:.0f}" + ("" if d is None else f"/{d:.0f}")
+                                              for h, d in r["split"].values())) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    for line in (head, *lines):
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
 
 
 def full_fits(model, ctx: int, args: argparse.Namespace) -> str | None:
@@ -285,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(measure(label, model, cache, lrqk, ctx, tokens, args))
             print(f"  done {fmt_ctx(ctx)} {label}-{cache}", file=sys.stderr, flush=True)
     print_table(rows)
+    print_split(rows)
 
 
 def prompt_tokens(args: argparse.Namespace, vocab: int, n: int) -> torch.Tensor:

@@ -597,3 +597,23 @@ def test_top_k_follows_the_context_unless_set():
     short, long = (LRQKDecoder.memory_plan(m, LRQKConfig(rank=4), 1, n) for n in (4096, 32768))
     slots = {n: p.detail["pool"] // (m.n_layer * m.n_head * 2 * m.dh * 4) for n, p in ((4096, short), (32768, long))}
     assert slots == {4096: 256 + 64, 32768: 2048 + 64}
+
+
+@pytest.mark.parametrize("policy", ["lrqk", "quest"])
+def test_decode_phases_are_named_once_per_layer_step_under_a_profiler(policy):
+    """benchmarks/decode.py --split reads these ranges: each phase once per layer and step (the proxy solve only
+    where a policy solves one)."""
+    from torch.profiler import profile
+
+    model = build("gqa")
+    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy=policy))
+    idx = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        tok = dec.prefill(idx)[:, -1:].argmax(-1)
+        with profile() as prof:
+            for _ in range(3):
+                tok = dec.step(tok).argmax(-1)
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("lrqk.")}
+    expected = {p: 3 * len(model.layers) for p in ("lrqk.store", "lrqk.score", "lrqk.topk", "lrqk.pool",
+                                                   "lrqk.gather", "lrqk.attention")}
+    assert counts == {**expected, **({"lrqk.solve": 3 * len(model.layers)} if policy == "lrqk" else {})}
