@@ -74,9 +74,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from lrkv.config import ModelConfig, load_config  # noqa: E402
-from lrkv.export import load_export  # noqa: E402
+from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.cache import FullDecoder  # noqa: E402
-from lrkv.inference.generate import DTYPES, load_tokenizer_file  # noqa: E402
+from lrkv.inference.generate import DTYPES  # noqa: E402
 from lrkv.inference.lrqk import PRESETS, LRQKConfig, LRQKDecoder, MemoryPlanError  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
@@ -308,7 +308,7 @@ def describe(label: str, cfg: ModelConfig, model: Transformer, args: argparse.Na
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.hf_export:
-        hf = load_export(args.hf_export, device=args.device, dtype=args.dtype)
+        hf = open_export(args.hf_export).model(args.device, args.dtype)
         models = [("hf", hf, "full")] + [("hf", hf, policy) for policy in args.policies.split(",")]
         if args.transformers:
             models.insert(0, ("transformers", load_transformers(args.transformers, args), "transformers"))
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
 def prompt_tokens(args: argparse.Namespace, vocab: int, n: int) -> torch.Tensor:
     """(batch, n) ids: --text tokenized and repeated to length n, else uniform random ids (seeded)."""
     if args.text:
-        tok = load_tokenizer_file(args.hf_export, vocab)
+        tok = open_export(args.hf_export).tokenizer
         ids = torch.tensor(tok.encode(Path(args.text).read_text()).ids)
         ids = ids.repeat(n // len(ids) + 1)[:n]
         return ids.expand(args.batch, n).to(args.device)

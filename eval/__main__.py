@@ -49,8 +49,8 @@ if __name__ == "__main__":  # --help, usage errors and a module's command line a
 import torch  # noqa: E402
 
 from eval import head_diversity, kv_memory, long_context, lrqk_agreement, perplexity  # noqa: E402
-from eval.common import cli, export_tokenizer, markdown_table  # noqa: E402
-from lrkv.export import load_export  # noqa: E402
+from eval.common import cli, markdown_table  # noqa: E402
+from lrkv.export import open_export  # noqa: E402
 
 LRQK_ATTN = ("mha", "gqa", "mqa", "lrkv")  # LRQKDecoder has no MLA path
 SUITES = {
@@ -63,7 +63,8 @@ SUITES = {
 
 def run(export: str, suite: str, source: str, context: int, out: Path) -> str:
     s, t0 = SUITES[suite], time.time()
-    model, tok = load_export(export), export_tokenizer(export)
+    ex = open_export(export)
+    model, tok = ex.model(), ex.tokenizer
     m = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# Evaluation of `{export}` ({suite} suite)\n\n"

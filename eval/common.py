@@ -1,4 +1,4 @@
-"""Helpers shared by the eval modules: the debug-scale variant overrides, tokenizer loading, tables, plotting."""
+"""Helpers shared by the eval modules: the debug-scale variant overrides, tables, plotting."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on CPU boxes or CI
 import matplotlib.pyplot as plt  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from lrkv.export import load_model_config  # noqa: E402
-from lrkv.inference.generate import load_tokenizer_file  # noqa: E402
 
 # CLI overrides that turn configs/lrkv_debug.yaml (4 heads, head_dim 32) into each baseline. GQA-2 matches LRKV's
 # 50% cache; MLA keeps the framework defaults (d_c 64 + d_R 16 = 80 numbers, 31% of MHA).
@@ -22,11 +18,6 @@ VARIANTS: dict[str, list[str]] = {
     "mla": ["--model.attn=mla"],
     "lrkv": ["--model.attn=lrkv"],
 }
-
-
-def export_tokenizer(export_dir: str | Path) -> Tokenizer:
-    """The export's tokenizer.json, checked against its config's vocabulary (the loader generation uses)."""
-    return load_tokenizer_file(export_dir, load_model_config(export_dir).vocab_size)
 
 
 def cli(main) -> None:

@@ -64,10 +64,9 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from eval.common import cli, export_tokenizer, markdown_table  # noqa: E402
-from lrkv.export import load_export  # noqa: E402
+from eval.common import cli, markdown_table  # noqa: E402
+from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.cache import FullDecoder  # noqa: E402
-from lrkv.inference.generate import eos_ids  # noqa: E402
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
 from lrkv.tokenizer import eos_id  # noqa: E402
 
@@ -385,10 +384,9 @@ def continue_greedy(decoder, logits: torch.Tensor, question: list[int], max_new_
     return out
 
 
-def stop_ids(tok: Tokenizer, export_dir: str | Path | None = None) -> set[int]:
-    """The export's stop ids (its generation config's EOS, e.g. a converted model's <|im_end|>), else our EOS."""
-    if export_dir is not None:
-        return set(eos_ids(export_dir, tok))
+def stop_ids(tok: Tokenizer) -> set[int]:
+    """Our <|endoftext|> when the tokenizer has it: the stop ids of a model built in memory (an export's own are
+    open_export(DIR).eos_ids)."""
     return {i for i in [eos_id(tok)] if i is not None}
 
 
@@ -429,11 +427,12 @@ def evaluate(model, tok: Tokenizer, tasks: list[str], lengths: list[int], n: int
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tok = load_export(args.export), export_tokenizer(args.export)
+    ex = open_export(args.export)
+    model, tok = ex.model(), ex.tokenizer
     lrqk = {"rank": args.rank, "top_k": args.top_k, "recent": args.recent, "sinks": args.sinks}
     rows = evaluate(model, tok, args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.n,
                     args.cache.split(","), lrqk, [float(x) for x in args.depths.split(",")], args.seed,
-                    stop_ids(tok, args.export))
+                    set(ex.eos_ids))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)

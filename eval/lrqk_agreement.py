@@ -50,9 +50,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from eval.common import cli, export_tokenizer, markdown_table, plt, save_figure  # noqa: E402
+from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from eval.perplexity import source_tokens  # noqa: E402
-from lrkv.export import load_export  # noqa: E402
+from lrkv.export import load_export, open_export  # noqa: E402
 from lrkv.inference.cache import FullDecoder  # noqa: E402
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
@@ -142,7 +142,7 @@ def plot(rows: list[dict], path: Path, prefix: int) -> Path:
 
 
 def text_windows(export: str, n: int, length: int, source: str, split: str) -> list[torch.Tensor]:
-    tokens = source_tokens(export_tokenizer(export), source, split)
+    tokens = source_tokens(open_export(export).tokenizer, source, split)
     if len(tokens) < n * length:
         raise ValueError(f"{source} ({split}) has {len(tokens)} tokens, fewer than {n} windows of {length}")
     return [torch.from_numpy(tokens[i * length:(i + 1) * length].astype(np.int64)) for i in range(n)]

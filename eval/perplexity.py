@@ -47,9 +47,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from eval.common import cli, export_tokenizer  # noqa: E402
+from eval.common import cli  # noqa: E402
 from lrkv.data import documents, pack, split_documents  # noqa: E402
-from lrkv.export import load_export  # noqa: E402
+from lrkv.export import open_export  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
 
@@ -87,7 +87,8 @@ def perplexity(model: Transformer, tok: Tokenizer, tokens: np.ndarray, n_tokens:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    model, tok = load_export(args.export), export_tokenizer(args.export)
+    ex = open_export(args.export)
+    model, tok = ex.model(), ex.tokenizer
     tokens = source_tokens(tok, args.source, args.split, args.val_fraction, args.text_field, args.text_sample_by)
     result = {"source": args.source, "split": args.split,
               **perplexity(model, tok, tokens, args.tokens, args.context, args.batch)}

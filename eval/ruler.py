@@ -72,10 +72,8 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
 import torch  # noqa: E402
 
 from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
-from eval.long_context import (answer_budget, corpus_speeches, encode, make_item, stop_ids,  # noqa: E402
-                               string_match_all)
-from lrkv.export import load_export, load_model_config  # noqa: E402
-from lrkv.inference.generate import load_tokenizer_file  # noqa: E402
+from eval.long_context import answer_budget, corpus_speeches, encode, make_item, string_match_all  # noqa: E402
+from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.lrqk import Lockstep, LRQKConfig, LRQKDecoder, memory_plan  # noqa: E402
 from lrkv.inference.lrqk.plan import geometry  # noqa: E402
 
@@ -265,13 +263,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(tasks) - set(RULER_TASKS))
     if unknown:
         ap.error(f"unknown task(s) {unknown}; expected some of {list(RULER_TASKS)}")
-    model_cfg = load_model_config(args.export)
-    model = load_export(args.export)
+    export = open_export(args.export)
+    model_cfg, tok, eos = export.config, export.tokenizer, set(export.eos_ids)
     for _, cfg in methods:
         if cfg is not None:
             cfg.validate(model_cfg.dh)
-    tok = load_tokenizer_file(args.export, model_cfg.vocab_size)
-    eos = stop_ids(tok, args.export)
+    model = export.model()
     if "qa" in tasks:
         corpus_speeches()  # parse the corpus up front, not in the middle of a long run
     out = Path(args.out)

@@ -60,7 +60,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from lrkv.atomic import DiskFullError, disk_full_message, is_disk_full  # noqa: E402
 from lrkv.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
-from lrkv.tokenizer import EOS  # noqa: E402
+from lrkv.tokenizer import EOS, TokenizerError, load_tokenizer  # noqa: E402
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 INDEX_NAME = "model.safetensors.index.json"  # save_pretrained(max_shard_size=...): tensor name -> shard file
@@ -302,11 +302,11 @@ def read_weights(export_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]
 
 
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build the model from config.json and load its weights (model.safetensors or the shards of
-    model.safetensors.index.json) into it (eval mode)."""
+                dtype: torch.dtype = torch.float32, cfg: ModelConfig | None = None) -> Transformer:
+    """Build the model from config.json (or `cfg`, already read from it) and load its weights (model.safetensors or
+    the shards of model.safetensors.index.json) into it (eval mode)."""
     export_dir = Path(export_dir)
-    cfg = load_model_config(export_dir)
+    cfg = load_model_config(export_dir) if cfg is None else cfg
     found, weights = read_weights(export_dir)
     if all(k.startswith("model.") for k in found):  # save_pretrained: the HF wrapper keeps Transformer as .model
         found = {k.removeprefix("model."): v for k, v in found.items()}
@@ -317,6 +317,41 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu",
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """An export folder, read once: its model config, tokenizer and stop ids; `model()` loads the weights."""
+
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    eos_ids: tuple[int, ...]  # every id generation stops at (see open_export)
+
+    def model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+        return load_export(self.path, device, dtype, cfg=self.config)
+
+
+def open_export(export_dir: str | Path) -> Export:
+    """config.json (a bad folder fails here, before anything else is read), tokenizer.json checked against the
+    config's vocabulary (converted Llama/Qwen2 exports bring their own special tokens, so our <|endoftext|> is not
+    required), and the stop ids: our <|endoftext|> when the tokenizer has it plus generation_config.json's
+    eos_token_id (a converted model's, e.g. Llama-3's <|eot_id|> or SmolLM2's <|im_end|>)."""
+    path = Path(export_dir)
+    cfg = load_model_config(path)
+    tok_file = path / TOKENIZER_NAME
+    if not tok_file.is_file():
+        raise TokenizerError(f"{path}: no {TOKENIZER_NAME}; generation and evaluation need the export's tokenizer")
+    tok = load_tokenizer(tok_file, cfg.vocab_size, require_eos=False)
+    ids = set() if tok.token_to_id(EOS) is None else {tok.token_to_id(EOS)}
+    gen_cfg = path / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{gen_cfg}: not valid JSON ({e})") from e
+        ids |= {eos} if isinstance(eos, int) else set(eos or [])
+    return Export(path, cfg, tok, tuple(sorted(ids)))
 
 
 # ---------------------------------------------------------------------------------------------------- from training

@@ -3,6 +3,7 @@
 The DeepSpeed ZeRO folder path is tested end to end in test_multinode.py.
 """
 
+import json
 import os
 import shutil
 import stat
@@ -17,7 +18,7 @@ from tokenizers import Tokenizer, models
 from torch.utils.data import DataLoader
 
 from lrkv.config import load_config
-from lrkv.export import ExportError, export_checkpoint, load_export, main, model_state_dict, save_export
+from lrkv.export import ExportError, export_checkpoint, load_export, main, model_state_dict, open_export, save_export
 from lrkv.lit import LitLM
 from lrkv.model import Transformer
 
@@ -53,6 +54,30 @@ def test_roundtrip_from_checkpoint_file_gives_the_modules_logits(trained, tmp_pa
     x = torch.randint(0, lit.cfg.model.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(x), lit.model.eval()(x))
+
+
+def test_open_export_owns_config_tokenizer_stop_ids_and_model(trained, tmp_path):
+    """One reader of an export folder: the config, the tokenizer, the stop ids of generation_config.json (an int or
+    a list, as transformers writes either), the model; a missing tokenizer or a corrupt generation config is an
+    error naming the file."""
+    from lrkv.tokenizer import TokenizerError
+
+    lit, run = trained
+    out = export_checkpoint(run, tmp_path / "export")
+    gen = out / "generation_config.json"
+    for eos, expected in (([7, 5], (5, 7)), (3, (3,))):
+        gen.write_text(json.dumps({"eos_token_id": eos}))
+        ex = open_export(out)
+        assert (ex.config, ex.eos_ids, ex.tokenizer.get_vocab_size()) == (lit.cfg.model, expected, 0)
+    x = torch.randint(0, lit.cfg.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(ex.model()(x), lit.model.eval()(x))
+    gen.write_text("{")
+    with pytest.raises(ExportError, match="generation_config.json: not valid JSON"):
+        open_export(out)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        open_export(out)
 
 
 def test_run_folder_means_its_last_checkpoint(trained, tmp_path):

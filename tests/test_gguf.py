@@ -16,8 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import eval.models as real_models
 from lrkv.convert_hf import ConvertError, convert
-from lrkv.export import load_export, load_model_config
-from lrkv.inference.generate import eos_ids, load_tokenizer_file
+from lrkv.export import load_export, open_export
 
 try:
     import gguf
@@ -142,12 +141,12 @@ def test_gguf_converts_to_the_model_it_was_written_from(tmp_path, arch, quant):
 
     assert (cfg.tie_embeddings, cfg.qkv_bias, cfg.n_kv_head) == (
         hf.config.tie_word_embeddings, arch == "qwen2", hf.config.num_key_value_heads)
-    assert load_model_config(tmp_path / "out").max_seq_len == CONTEXT
-    out_tok = load_tokenizer_file(tmp_path / "out", cfg.vocab_size)
+    export = open_export(tmp_path / "out")
+    assert export.config.max_seq_len == CONTEXT
+    out_tok = export.tokenizer
     sample = "The lazy fox packs five jugs. <|im_start|>user\nquick dog<|im_end|>"
     assert out_tok.encode(sample).ids == tok.encode(sample).ids
-    assert eos_ids(tmp_path / "out", out_tok) == sorted({tok.token_to_id("<|endoftext|>"),
-                                                         tok.token_to_id("<|im_end|>")})
+    assert export.eos_ids == tuple(sorted({tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")}))
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
     written = {"bos_token_id": tok.token_to_id("<|im_start|>"), "eos_token_id": tok.token_to_id("<|im_end|>")}
     for name in ("config.json", "generation_config.json"):  # the file's ids, not our <|endoftext|>

@@ -15,7 +15,6 @@ neither Lightning nor DeepSpeed.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,11 +24,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lrkv.export import TOKENIZER_NAME, load_export, load_model_config
+from lrkv.export import open_export
 from lrkv.inference.cache import FullDecoder
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder, MemoryPlan, memory_plan
 from lrkv.model import Transformer
-from lrkv.tokenizer import EOS, TokenizerError, load_tokenizer
 
 CACHE_MODES = ("full", "lrqk")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -121,26 +119,6 @@ def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str) -> tu
     return idx.to(device), (None if bool(valid.all()) else valid.to(device))
 
 
-def load_tokenizer_file(export_dir: str | Path, vocab_size: int) -> Tokenizer:
-    """The export's tokenizer.json. Unlike lrkv.tokenizer.load_tokenizer it does not require our <|endoftext|>:
-    converted Llama/Qwen2 exports bring their own special tokens (see eos_ids)."""
-    path = Path(export_dir) / TOKENIZER_NAME
-    if not path.is_file():
-        raise TokenizerError(f"{export_dir}: no {TOKENIZER_NAME}; generation needs the export's tokenizer")
-    return load_tokenizer(path, vocab_size, require_eos=False)
-
-
-def eos_ids(export_dir: str | Path, tok: Tokenizer) -> list[int]:
-    """Our `<|endoftext|>` when the tokenizer has it, plus `eos_token_id` of a generation_config.json (imported
-    Hugging Face checkpoints, e.g. Llama-3's <|eot_id|>)."""
-    ids = [] if tok.token_to_id(EOS) is None else [tok.token_to_id(EOS)]
-    gen_cfg = Path(export_dir) / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
-    return sorted(set(ids))
-
-
 class Generator:
     """A model and tokenizer plus the cache mode; each generate/stream call builds a fresh decoder.
 
@@ -170,10 +148,9 @@ class Generator:
                         dtype: torch.dtype = torch.float32, cache: str = "full",
                         lrqk: LRQKConfig | None = None, strict_context: bool = False) -> Generator:
         """Load config.json, tokenizer.json and model.safetensors; errors (ExportError, TokenizerError) name a file."""
-        cfg = load_model_config(export_dir)  # a bad folder fails here, before the tokenizer or weights are read
-        tok = load_tokenizer_file(export_dir, cfg.vocab_size)
-        model = load_export(export_dir, device=device, dtype=dtype)
-        return cls(model, tok, cache=cache, lrqk=lrqk, eos=eos_ids(export_dir, tok), strict_context=strict_context)
+        export = open_export(export_dir)
+        return cls(export.model(device, dtype), export.tokenizer, cache=cache, lrqk=lrqk, eos=export.eos_ids,
+                   strict_context=strict_context)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
