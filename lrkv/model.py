@@ -170,9 +170,7 @@ class GroupedQueryAttention(Attention):
         if cache is not None:
             full = cache.append(**self.cache_entries((k, v)))
             k, v = full["k"].transpose(1, 2), full["v"].transpose(1, 2)
-        if G != H:
-            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-        y = causal_attention(q, k, v, key_valid=key_valid)
+        y = causal_attention(q, k, v, key_valid=key_valid)  # grouped: query head h reads KV head h // (H / G)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     @staticmethod
