@@ -254,7 +254,7 @@ class LRQK(Policy):
         Hk, heads = k.shape[1], lay.geo["heads"]
         per_query_head = lay.geo["proxies"] > B * Hk
         X, n = (B * Hk, H // Hk) if per_query_head else (B, Hk)
-        qs, a_k = q.view(X, n, heads, T, D), self.a_k.view(X, n, -1, cfg.rank)
+        qs, a_k = q.reshape(X, n, heads, T, D), self.a_k.view(X, n, -1, cfg.rank)
         scores, b_q, b_k = [], [], []
         for i in range(n):
             qi = qs[:, i].float() if w is None else qs[:, i].float() * w.repeat_interleave(X // B, 0)
