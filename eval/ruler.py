@@ -43,7 +43,8 @@ METHOD_POLICY = {"lrqk": "lrqk", "exact_topk": "exact", "quest": "quest", "loki"
 def parser() -> argparse.ArgumentParser:
     """The command line; needs no heavy import, so --help answers before torch is loaded."""
     ap = argparse.ArgumentParser(prog="python -m eval.ruler", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--export", required=True, help="an export folder (e.g. from python -m eval.models smollm2 DIR)")
+    ap.add_argument("--export", help="an export folder (e.g. from python -m eval.models smollm2 DIR); required "
+                                     "unless --report-only")
     ap.add_argument("--lengths", default="1024,2048,4096", help="comma list of context lengths in tokens")
     ap.add_argument("--tasks", default=",".join(RULER_TASKS), help=f"comma list of {', '.join(RULER_TASKS)}")
     ap.add_argument("--methods", default="full,lrqk,exact_topk,quest,loki,h2o,streaming",
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         records = [json.loads(line) for p in args.report_only for line in Path(p).read_text().splitlines() if line]
         specs = list(dict.fromkeys(r["method"] for r in records))
         return write_report(records, specs, Path(args.out), f"records from {', '.join(args.report_only)}")
+    if not args.export:
+        ap.error("--export is required (unless --report-only)")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = {"rank": args.rank, "recent": args.recent, "sinks": args.sinks, "measure_recall": args.recall}

@@ -387,6 +387,27 @@ def test_ruler_methods_that_stop_leave_the_batch_without_changing_the_others(tok
         assert together[m[0]] == run([m], eos)[m[0]]  # the same text as decoding that method alone
 
 
+
+def test_ruler_report_only_merges_record_files_without_an_export(tmp_path):
+    import json
+
+    from eval.ruler import main as ruler_main
+
+    def rec(length, task, item, method, score):
+        return {"length": length, "task": task, "item": item, "method": method, "score": score, "gpu_bytes": 2**20,
+                "h2d_per_step": 1024.0, "h2d_no_cache_per_step": 2048.0, "decode_s": 1.0, "batch_steps": 10}
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(rec(4096, "vt", i, m, s)) + "\n"
+                             for i, (m, s) in enumerate([("full", 100.0), ("lrqk", 0.0)])))
+    second.write_text(json.dumps(rec(4096, "vt", 2, "lrqk", 50.0)) + "\n")
+    records = ruler_main(["--report-only", str(first), str(second), "--out", str(tmp_path / "out")])
+    assert len(records) == 3
+    table = (tmp_path / "out" / "ruler.md").read_text()
+    assert "| vt | 1 | 100 | 25 |" in table  # lrqk: mean of its two items across the two files
+    assert (tmp_path / "out" / "ruler_accuracy.png").stat().st_size > 0
+
+
 # ---------------------------------------------------------------------------------------------------- compare
 
 
