@@ -176,7 +176,7 @@ def test_inside_torch_compile_graph():
     inputs = make_inputs(2, 2, 40, 40, 32, 8, 16)
 
     def loss(*a):
-        return lrkv.kernels.lrkv_attention(*a).square().sum()  # the dispatcher, as the model calls it
+        return lrkv.kernels.lrkv_attend(*a, impl="triton").square().sum()  # the dispatcher, as the model calls it
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     eager_grads = torch.autograd.grad(loss(*inputs), inputs[:7])
