@@ -25,7 +25,6 @@ from lrkv.kernels.reference import lrkv_attention as lrkv_attention_reference
 from lrkv.kernels.triton_util import INTERPRET, LOG2E, alignment, dot_dim, unit_last_stride
 
 
-
 def decode_supported(device: torch.device) -> bool:
     """The kernel runs on CUDA, or on any device's tensors when Triton was imported in interpreter mode."""
     return device.type == "cuda" or INTERPRET

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from lrkv.kernels import MAX_ROW_BYTES
 from lrkv.kernels.reference import check_lrkv_inputs
 from lrkv.kernels.reference import lrkv_attention as reference_attention
-from lrkv.kernels import MAX_ROW_BYTES
 from lrkv.kernels.triton_util import FUSED_HEAD_DIMS, INTERPRET, LOG2E, alignment, dot_dim, unit_last_stride
 
 DTYPES = (torch.float32,) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
