@@ -169,10 +169,10 @@ class Quest(Policy):
 
     def prefill(self, q, k, kv, keep):
         T = k.shape[2]  # page bounds per key head, then shared by the query heads that read it
-        real = (keep > 0)[:, None, :, None]
+        kf, real = k.float(), (keep > 0)[:, None, :, None]
         pad = -T % QUEST_PAGE
-        lo = torch.nn.functional.pad(k.float().masked_fill(~real, float("inf")), (0, 0, 0, pad), value=float("inf"))
-        hi = torch.nn.functional.pad(k.float().masked_fill(~real, float("-inf")), (0, 0, 0, pad), value=float("-inf"))
+        lo = torch.nn.functional.pad(kf.masked_fill(~real, float("inf")), (0, 0, 0, pad), value=float("inf"))
+        hi = torch.nn.functional.pad(kf.masked_fill(~real, float("-inf")), (0, 0, 0, pad), value=float("-inf"))
         n = (T + pad) // QUEST_PAGE
         self.k_min[:, :, :n] = self.layer.key_streams(lo.unflatten(2, (n, QUEST_PAGE)).amin(3))
         self.k_max[:, :, :n] = self.layer.key_streams(hi.unflatten(2, (n, QUEST_PAGE)).amax(3))
@@ -255,9 +255,10 @@ class LRQK(Policy):
         per_query_head = lay.geo["proxies"] > B * Hk
         X, n = (B * Hk, H // Hk) if per_query_head else (B, Hk)
         qs, a_k = q.reshape(X, n, heads, T, D), self.a_k.view(X, n, -1, cfg.rank)
+        wq = None if w is None else w.repeat_interleave(X // B, 0)  # padding weights per fitted row
         scores, b_q, b_k = [], [], []
         for i in range(n):
-            qi = qs[:, i].float() if w is None else qs[:, i].float() * w.repeat_interleave(X // B, 0)
+            qi = qs[:, i].float() if wq is None else qs[:, i].float() * wq
             ki = kf.reshape(X, 1, T, D) if per_query_head else kf[:, i, None]
             f = als_factorize(qi, ki, ki[:, 0], cfg.rank, cfg.prefill_iters, cfg.tol, lay.owner.generator)
             a_k[:, i, :T] = f.a_k
