@@ -9,7 +9,8 @@ shared memory (KiB, Triton's metadata), scalar int32 pointer offsets (base offse
 global loads (an operand the compiler cannot prove aligned, read outside the async-copy pipeline),
 whether the op's per-target pruning keeps the config and whether it fits (zero spills, shared memory within the
 target's per-block limit). Training kernels are compiled at B 8, H 32, T 4096 in the model's strided layout;
-decode over a 4096-token cache for 1 and 16 new queries, with and without a padding mask. Compiles run one
+decode over a 4096-token cache for 1 and 16 new queries, with and without a padding mask; the key-side
+backward passes also in their deterministic variant (rows marked "det"). Compiles run one
 after another in this process (seconds of CPU each). Exit status 1 if a kept config does not fit.
 """
 
@@ -68,9 +69,14 @@ def rows(archs, dtypes, shapes, which, kernels):
     for arch in archs:
         for dname in dtypes:
             for D, rk, rv in shapes:
-                for launch in aot.training_launches(aot.Shape(8, 32, 4096, 4096, D, rk, rv, DTYPES[dname])):
+                shape = aot.Shape(8, 32, 4096, 4096, D, rk, rv, DTYPES[dname])
+                launches = aot.training_launches(shape) + [  # the fixed-order key-side passes, rows marked "det"
+                    launch for launch in aot.training_launches(shape, deterministic=True) if "_bwd_d" in launch.name
+                    and launch.name != "_bwd_dq"]
+                for launch in launches:
                     for r in aot.report(launch, arch, which) if launch.name in kernels else []:
-                        yield dname, (D, rk, rv), r
+                        det = " det" if launch.args.get("DETERMINISTIC") else ""
+                        yield dname, (D, rk, rv), dataclasses.replace(r, config=r.config + det)
                 for tq, padded in DECODE_VARIANTS if "decode" in kernels else []:
                     launch = aot.decode_launch(aot.Shape(8, 32, tq, 4096, D, rk, rv, DTYPES[dname]), padded)
                     for r in aot.report(launch, arch):

@@ -104,8 +104,9 @@ def _model_layout(s: Shape):
     return q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin
 
 
-def training_launches(s: Shape, causal: bool = True) -> list[Launch]:
-    """The forward and both backward launches of the fused op at shape s."""
+def training_launches(s: Shape, causal: bool = True, deterministic: bool = False) -> list[Launch]:
+    """The forward and both backward launches of the fused op at shape s (deterministic: the fixed-order
+    backward that torch.use_deterministic_algorithms selects)."""
     calls: list[Launch] = []
     names = ("_fwd", "_bwd_dq", "_bwd_dk", "_bwd_dv")
     with contextlib.ExitStack() as stack:
@@ -116,7 +117,7 @@ def training_launches(s: Shape, causal: bool = True) -> list[Launch]:
         o = torch.empty(s.B, s.H, s.Tq, s.D, device="meta", dtype=s.dtype)
         lse = torch.empty(s.B, s.H, s.Tq, device="meta")
         lrkv_attn.launch_fwd(*inputs, causal, scale)
-        lrkv_attn.launch_bwd(torch.empty_like(o), *inputs, o, lse, causal, scale)
+        lrkv_attn.launch_bwd(torch.empty_like(o), *inputs, o, lse, causal, scale, deterministic)
     return calls
 
 

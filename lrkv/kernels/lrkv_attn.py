@@ -16,7 +16,10 @@ backward _bwd_dq: program = (query tile, b, h), loop over key tiles (recompute P
                   the compiler feeds it to tensor cores from shared memory; kept in registers it spills. The
                   dV pass keeps its K_h tile in registers. Per program: d z_h = dX_h B_h^T is written; d k_s,
                   d v_s (summed over heads) and dB_h = z_h^T dX_h (over key tiles) are fp32 atomic adds
-                  (relaxed), so their summation order, unlike the reference's, varies run to run.
+                  (relaxed), so their summation order, unlike the reference's, varies run to run. Under
+                  torch.use_deterministic_algorithms(True) each program stores its head's dX_h instead and the
+                  launcher sums over heads and computes dB_h = z_h^T dX_h with torch (fixed order; one
+                  transient (B, H, T, D) fp32 buffer per pass, and B·H·T·r·D more multiply-adds).
          Earlier layouts, measured with ptxas (benchmarks/kernel_aot.py): one fused dK+dV program looping over
          all heads spilled 460-1400 bytes in every config at D 128, r 64: head-invariant address tensors stay
          live across the head loop.
@@ -249,10 +252,12 @@ def _bwd_kv(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, DO, LSE, DELTA, DXS, DZ, DB, ST
             B, H, Tq, Tk, T_BUCKET, qk_scale, sm_scale,
             D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
             CAUSAL: tl.constexpr, ZK_ALIGN: tl.constexpr, ZV_ALIGN: tl.constexpr, DK: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr):
+            DETERMINISTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One key-side backward pass: DK selects d k_s / d z_k / d b_k (else the value side). The passes are
     separate kernels so each holds one fp32 (BN, D) accumulator across its query loop, not two (the fused
-    dK+dV loop spilled in every config at D 128, r 64); the price is S^T recomputed in each pass."""
+    dK+dV loop spilled in every config at D 128, r 64); the price is S^T recomputed in each pass.
+    DETERMINISTIC: DXS is (B, H, Tk, D) and each program stores its head's dX_h rows there instead of adding
+    them over heads, and DB is left alone; the launcher sums both in a fixed order."""
     HD: tl.constexpr = D // 2
     pid_n, b = tl.program_id(0) // B, (tl.program_id(0) % B).to(tl.int64)  # causal: key tile 0 first
     h = tl.program_id(1).to(tl.int64)  # int64 base offsets, as in _fwd
@@ -310,30 +315,39 @@ def _bwd_kv(Q, KS, VS, ZK, ZV, BK, BV, COS, SIN, DO, LSE, DELTA, DXS, DZ, DB, ST
         s = _tile(SIN, HD, offs_n, n_ok, HD, HD).to(tl.float32)
         g1 = (acc1 * c + acc2 * s) * sm_scale  # RoPE^T: gradient w.r.t. the un-rotated key k_s + z B
         g2 = (acc2 * c - acc1 * s) * sm_scale
-        dxs_ptr = DXS + b * Tk * D + offs_n[:, None] * D + hd[None, :]
-        tl.atomic_add(dxs_ptr, g1, mask=row_ok, sem="relaxed")
-        tl.atomic_add(dxs_ptr + HD, g2, mask=row_ok, sem="relaxed")
+        if DETERMINISTIC:
+            dxs_ptr = DXS + bh * Tk * D + offs_n[:, None] * D + hd[None, :]
+            tl.store(dxs_ptr, g1, mask=row_ok)
+            tl.store(dxs_ptr + HD, g2, mask=row_ok)
+        else:
+            dxs_ptr = DXS + b * Tk * D + offs_n[:, None] * D + hd[None, :]
+            tl.atomic_add(dxs_ptr, g1, mask=row_ok, sem="relaxed")
+            tl.atomic_add(dxs_ptr + HD, g2, mask=row_ok, sem="relaxed")
         g1, g2 = g1.to(Q.dtype.element_ty), g2.to(Q.dtype.element_ty)
         bk1 = _tile(bk_ptr, D, rk, rk < RK, HD, HD)
         bk2 = _tile(bk_ptr + HD, D, rk, rk < RK, HD, HD)
         tl.store(DZ + bh * Tk * RK + offs_n[:, None] * RK + rk[None, :],
                  (tl.dot(g1, tl.trans(bk1)) + tl.dot(g2, tl.trans(bk2))).to(DZ.dtype.element_ty),
                  mask=row_ok & (rk[None, :] < RK))
-        zk_t = tl.trans(_tile(zk_ptr, szk_t, offs_n, n_ok, RKP, RK))
-        db_ptr = DB + h * RK * D + rk[:, None] * D + hd[None, :]
-        tl.atomic_add(db_ptr, tl.dot(zk_t, g1), mask=rk[:, None] < RK, sem="relaxed")
-        tl.atomic_add(db_ptr + HD, tl.dot(zk_t, g2), mask=rk[:, None] < RK, sem="relaxed")
+        if not DETERMINISTIC:
+            zk_t = tl.trans(_tile(zk_ptr, szk_t, offs_n, n_ok, RKP, RK))
+            db_ptr = DB + h * RK * D + rk[:, None] * D + hd[None, :]
+            tl.atomic_add(db_ptr, tl.dot(zk_t, g1), mask=rk[:, None] < RK, sem="relaxed")
+            tl.atomic_add(db_ptr + HD, tl.dot(zk_t, g2), mask=rk[:, None] < RK, sem="relaxed")
     else:
         rv = tl.arange(0, RVP)
-        dxs_ptr = DXS + b * Tk * D + offs_n[:, None] * D + d[None, :]
-        tl.atomic_add(dxs_ptr, acc, mask=row_ok, sem="relaxed")
+        if DETERMINISTIC:
+            tl.store(DXS + bh * Tk * D + offs_n[:, None] * D + d[None, :], acc, mask=row_ok)
+        else:
+            tl.atomic_add(DXS + b * Tk * D + offs_n[:, None] * D + d[None, :], acc, mask=row_ok, sem="relaxed")
         dv = acc.to(Q.dtype.element_ty)
         bv = _tile(bv_ptr, D, rv, rv < RV, D, D)
         tl.store(DZ + bh * Tk * RV + offs_n[:, None] * RV + rv[None, :],
                  tl.dot(dv, tl.trans(bv)).to(DZ.dtype.element_ty), mask=row_ok & (rv[None, :] < RV))
-        zv_t = tl.trans(_tile(zv_ptr, szv_t, offs_n, n_ok, RVP, RV))
-        tl.atomic_add(DB + h * RV * D + rv[:, None] * D + d[None, :], tl.dot(zv_t, dv), mask=rv[:, None] < RV,
-                      sem="relaxed")
+        if not DETERMINISTIC:
+            zv_t = tl.trans(_tile(zv_ptr, szv_t, offs_n, n_ok, RVP, RV))
+            tl.atomic_add(DB + h * RV * D + rv[:, None] * D + d[None, :], tl.dot(zv_t, dv), mask=rv[:, None] < RV,
+                          sem="relaxed")
 
 
 # one autotuner per pass: their configs and tuned choices differ
@@ -434,7 +448,8 @@ def _(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal, scale):
 
 def launch_bwd(do: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, z_k: torch.Tensor,
                z_v: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float) -> list[torch.Tensor]:
+               o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+               deterministic: bool = False) -> list[torch.Tensor]:
     q, k_s, v_s, z_k, z_v = map(unit_last_stride, (q, k_s, v_s, z_k, z_v))
     do, o, lse, b_k, b_v = do.contiguous(), o.contiguous(), lse.contiguous(), b_k.contiguous(), b_v.contiguous()
     cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()  # as reference.rope
@@ -447,13 +462,21 @@ def launch_bwd(do: torch.Tensor, q: torch.Tensor, k_s: torch.Tensor, v_s: torch.
     _bwd_dq[lambda m: (B * H, triton.cdiv(Tq, m["BM"]))](
         q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, o, do, lse, delta, dq, *strides, *args, **meta)
     zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=q.device)  # noqa: E731  atomic sums
-    dks, dvs, dbk, dbv = zeros(B, Tk, D), zeros(B, Tk, D), zeros(H, r_k, D), zeros(H, r_v, D)
     dzk, dzv = _new((B, H, Tk, r_k), q), _new((B, H, Tk, r_v), q)
     stage = _new((B, H, Tk, 2 * D), q)  # the dK pass's rebuilt K_h | V_h tiles (module docstring)
-    for kernel, dxs, dz, db, dk in ((_bwd_dk, dks, dzk, dbk, True), (_bwd_dv, dvs, dzv, dbv, False)):
+    grads = []  # (d k_s, d b_k), then (d v_s, d b_v)
+    for kernel, z, dz, dk in ((_bwd_dk, z_k, dzk, True), (_bwd_dv, z_v, dzv, False)):
+        # deterministic: per-head dX_h rows (one (B, H, Tk, D) fp32 buffer, as large as MHA's dK), summed below
+        dxs = _new((B, H, Tk, D), q, torch.float32) if deterministic else zeros(B, Tk, D)
+        db = zeros(H, z.shape[-1], D)
         kernel[lambda m: (triton.cdiv(Tk, m["BN"]) * B, H)](
             q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, do, lse, delta, dxs, dz, db, stage, *strides, B, *args, **meta,
-            DK=dk)
+            DK=dk, DETERMINISTIC=deterministic)
+        if deterministic:  # fixed-order sums; dB from dX_h in the input dtype, as the atomic path's operands
+            db = torch.einsum("bhtr,bhtd->hrd", z, dxs.to(q.dtype)).float()
+            dxs = dxs.sum(1)
+        grads.append((dxs, db))
+    (dks, dbk), (dvs, dbv) = grads
     dt = q.dtype
     return [dq, dks.to(dt), dvs.to(dt), dzk, dzv, dbk.to(dt), dbv.to(dt)]
 
@@ -462,7 +485,7 @@ _bwd_op = torch.library.custom_op("lrkv::fused_attention_bwd", mutates_args=())(
 
 
 @_bwd_op.register_fake
-def _(do, q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, o, lse, causal, scale):
+def _(do, q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, o, lse, causal, scale, deterministic=False):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k_s, v_s, z_k, z_v, b_k, b_v)]
 
 
@@ -474,7 +497,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
-    grads = _bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.scale)
+    # torch.use_deterministic_algorithms(True) selects the fixed-order sums, as it does for PyTorch's own ops
+    grads = _bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.scale, torch.are_deterministic_algorithms_enabled())
     return (*grads, None, None, None, None)
 
 
