@@ -38,7 +38,7 @@ from torch import Tensor  # noqa: E402
 
 from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from lrkv.export import load_export  # noqa: E402
-from lrkv.model import GroupedQueryAttention, LRKVAttention, MultiHeadLatentAttention, Transformer  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
 
 OPERATORS = ("qk", "ov", "qk_query_only", "qk_key_only")
 TOP_K = (1, 2, 4)
@@ -55,40 +55,10 @@ class HeadMaps:
     wo: Tensor  # W_O^h transposed: columns h*d_h..(h+1)*d_h of the output projection's (d, H d_h) weight
 
 
-def _heads(w: Tensor, n: int) -> Tensor:
-    """(n*m, d) Linear weight rows -> (n, d, m) per-head maps acting as x @ map."""
-    return w.view(n, -1, w.shape[-1]).transpose(1, 2)
-
-
 def head_maps(attn: torch.nn.Module) -> HeadMaps:
-    """Effective per-head W_Q, W_K, W_V, W_O of one attention module (fp64)."""
-    H, D = attn.n_head, attn.head_dim
-    wo = attn.proj.weight.double().view(-1, H, D).permute(1, 0, 2)  # proj.weight (d, H*D) -> (H, d, D)
-    if isinstance(attn, GroupedQueryAttention):
-        G = attn.n_kv_head
-        q, k, v = attn.qkv.weight.double().split([H * D, G * D, G * D])
-        rep = H // G  # the forward pass uses repeat_interleave: head h reads KV group h // rep
-        return HeadMaps(_heads(q, H), _heads(k, G).repeat_interleave(rep, 0), _heads(v, G).repeat_interleave(rep, 0), wo)
-    if isinstance(attn, LRKVAttention):
-        rk, rv = attn.rank_k, attn.rank_v
-        q, k_s, v_s, a_k, a_v = attn.qkv.weight.double().split([H * D, D, D, H * rk, H * rv])
-        wk = k_s.T + _heads(a_k, H) @ attn.b_k.double()  # W_K^h = W_K^s + A_h B_h
-        wv = v_s.T + _heads(a_v, H) @ attn.b_v.double()
-        return HeadMaps(_heads(q, H), wk, wv, wo)
-    if isinstance(attn, MultiHeadLatentAttention):  # content part only; the shared RoPE key is left out (spec §7)
-        # the latents' RMSNorm: its gain is folded into the down-projection; its 1/rms is a per-token scalar
-        # common to all heads, so it scales every head's operator alike and is left out
-        dc = attn.kv_rank
-        down = attn.wkv_a.weight.double()[:dc].T * attn.kv_norm.weight.double()
-        up = attn.wkv_b.weight.double().view(H, 2 * D, dc)
-        wk, wv = down @ up[:, :D].transpose(1, 2), down @ up[:, D:].transpose(1, 2)
-        if attn.cfg.mla_q_rank > 0:
-            q_down = attn.wq_a.weight.double().T * attn.q_norm.weight.double()
-            wq = q_down @ attn.wq_b.weight.double().view(H, -1, q_down.shape[1])[:, :D].transpose(1, 2)
-        else:
-            wq = attn.wq.weight.double().view(H, -1, attn.wq.weight.shape[1])[:, :D].transpose(1, 2)
-        return HeadMaps(wq, wk, wv, wo)
-    raise TypeError(f"no head maps for {type(attn).__name__}")
+    """Effective per-head W_Q, W_K, W_V, W_O of one attention module (fp64), as the module reports them (its
+    head_weights: query head h's K and V maps are those of the key/value head it reads)."""
+    return HeadMaps(*attn.head_weights())
 
 
 def operator_gram(left: Tensor, right: Tensor) -> Tensor:

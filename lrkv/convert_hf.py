@@ -56,7 +56,7 @@ from safetensors import safe_open  # noqa: E402
 
 from lrkv.config import ConfigError, ModelConfig, model_config_from_dict  # noqa: E402
 from lrkv.export import ExportError, check_replaceable, check_state_dict, model_state_dict, save_export  # noqa: E402
-from lrkv.model import Transformer  # noqa: E402
+from lrkv.model import GroupedQueryAttention, Transformer  # noqa: E402
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # general.architecture values transformers loads as the classes above
@@ -67,16 +67,23 @@ _DEFAULTS = {  # transformers' class defaults for fields a config.json may omit
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
 }
 
+
+def _qkv(part: str, kind: str) -> tuple[str, int, int]:
+    """Where HF's q/k/v projection goes: attn.qkv, in the order the attention module lays out its blocks."""
+    parts = GroupedQueryAttention.PROJ_PARTS
+    return f"attn.qkv.{kind}", parts.index(part), len(parts)
+
+
 # HF name inside a layer -> (our name inside the layer, part index, number of parts fused along dim 0)
 _LAYER_TENSORS = {
     "input_layernorm.weight": ("attn_norm.weight", 0, 1),
     "post_attention_layernorm.weight": ("mlp_norm.weight", 0, 1),
-    "self_attn.q_proj.weight": ("attn.qkv.weight", 0, 3),
-    "self_attn.k_proj.weight": ("attn.qkv.weight", 1, 3),
-    "self_attn.v_proj.weight": ("attn.qkv.weight", 2, 3),
-    "self_attn.q_proj.bias": ("attn.qkv.bias", 0, 3),
-    "self_attn.k_proj.bias": ("attn.qkv.bias", 1, 3),
-    "self_attn.v_proj.bias": ("attn.qkv.bias", 2, 3),
+    "self_attn.q_proj.weight": _qkv("q", "weight"),
+    "self_attn.k_proj.weight": _qkv("k", "weight"),
+    "self_attn.v_proj.weight": _qkv("v", "weight"),
+    "self_attn.q_proj.bias": _qkv("q", "bias"),
+    "self_attn.k_proj.bias": _qkv("k", "bias"),
+    "self_attn.v_proj.bias": _qkv("v", "bias"),
     "self_attn.o_proj.weight": ("attn.proj.weight", 0, 1),
     "mlp.gate_proj.weight": ("mlp.fc.weight", 0, 2),
     "mlp.up_proj.weight": ("mlp.fc.weight", 1, 2),

@@ -87,14 +87,14 @@ class LRKVCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i of the cache becomes row beam_idx[i]."""
         for c in self._kv_caches():
-            c.buffers = {name: b.index_select(0, beam_idx.to(b.device)) for name, b in c.buffers.items()}
+            c.select_rows(beam_idx)
 
     def crop(self, n: int) -> None:
         """Assisted decoding drops rejected candidates: n > 0 keeps the first n tokens (transformers < 5.24),
         n <= 0 drops the last -n (both)."""
         keep = n if n > 0 else self.lrkv.length + n
         for c in self._kv_caches():
-            c.length = min(c.length, keep)
+            c.truncate(keep)
 
 
 class LRKVPreTrainedModel(PreTrainedModel):

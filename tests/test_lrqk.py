@@ -617,3 +617,47 @@ def test_decode_phases_are_named_once_per_layer_step_under_a_profiler(policy):
     expected = {p: 3 * len(model.layers) for p in ("lrqk.store", "lrqk.score", "lrqk.topk", "lrqk.pool",
                                                    "lrqk.gather", "lrqk.attention")}
     assert counts == {**expected, **({"lrqk.solve": 3 * len(model.layers)} if policy == "lrqk" else {})}
+
+
+@pytest.mark.parametrize("attn, proxy", STREAMS)
+def test_probe_sees_the_selection_and_attention_each_layer_ran(attn, proxy):
+    """LRQKDecoder.probe: at layer 0 (input: the embedding) an independent q.k from the module's weights gives the
+    oracle's top-k per selection stream, the attended set (sinks + recent window + top-k) and the attention output
+    over exactly that set; the probe reports the same."""
+    model = build(attn)
+    idx = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(7))
+    top_k, recent, sinks, steps = 5, 4, 2, 4
+    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=top_k, recent=recent, sinks=sinks, policy="exact", proxy=proxy))
+    assert dec.probe is None
+    seen, tokens = [], [idx]
+    with torch.no_grad():
+        tok = dec.prefill(idx)[:, -1:].argmax(-1)
+        dec.probe = seen.append
+        for _ in range(steps):
+            tokens.append(tok)
+            tok = dec.step(tok).argmax(-1)
+        block = model.layers[0]
+        all_tokens = torch.cat(tokens, 1)
+        q, k, v = scratch_qkv(block.attn, block.attn_norm(model.embed(all_tokens)), torch.arange(all_tokens.shape[1]))
+    assert [(s.layer, s.position) for s in seen] == [(i, t) for t in range(30, 30 + steps) for i in range(2)]
+    per_selection = {"lrkv": 4, "shared": 1, "group": 2}["lrkv" if attn == "lrkv" else proxy]  # heads per stream
+    for step in seen[0::2]:
+        L = step.position + 1
+        qt = q[:, :, step.position]  # (B, H, D)
+        torch.testing.assert_close(step.q[:, :, 0], qt)
+        torch.testing.assert_close(step.keys, k[:, :, :L])
+        torch.testing.assert_close(step.values, v[:, :, :L])
+        s = torch.einsum("bhd,bhld->bhl", qt, k[:, :, :L])
+        ids = torch.arange(L)
+        cand = (ids >= sinks) & (ids < L - recent)
+        s = s.masked_fill(~cand, float("-inf"))
+        score = (s - s.amax(-1, keepdim=True)).unflatten(1, (-1, per_selection)).amax(2)  # (B, streams per row, L)
+        top = score.topk(top_k, dim=-1).indices
+        assert torch.equal(step.selected.sort(1).values, top.flatten(0, 1).sort(1).values)
+        assert step.selected_ok.all() and step.scores.shape[-1] == L
+        want = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True) | ~cand
+        want = want.repeat_interleave(per_selection, dim=1)  # per query head
+        assert torch.equal(step.attended, want)
+        scaled = torch.einsum("bhd,bhld->bhl", qt, k[:, :, :L]) / 4  # 1 / sqrt(head_dim 16)
+        p = scaled.masked_fill(~want, float("-inf")).softmax(-1)
+        torch.testing.assert_close(step.y[:, :, 0], torch.einsum("bhl,bhld->bhd", p, v[:, :, :L]))

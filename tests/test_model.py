@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lrkv.config import ModelConfig, load_config, validate_model
 from lrkv.kernels.reference import lrkv_attention, rope
-from lrkv.model import Block, LRKVAttention, Transformer, GroupedQueryAttention, rope_tables
+from lrkv.model import (Block, DecoderCache, GroupedQueryAttention, LayerCache, LRKVAttention, Transformer,
+                        cache_layout, rope_tables)
 
 VARIANTS = ("mha", "gqa", "mqa", "mla", "lrkv")
 
@@ -228,3 +229,102 @@ def test_bf16_autocast_trains_and_tracks_fp32(attn):
     loss.backward()
     assert abs(loss.item() - ref.item()) < 2e-2 * ref.item()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def spec_layout(m: ModelConfig) -> tuple[int, dict[str, int]]:
+    """Row streams per token and each cached field's width, from the README's table (independent of model.py)."""
+    H, D = m.n_head, m.dh
+    return {"mha": (H, {"k": D, "v": D}), "gqa": (m.n_kv_head, {"k": D, "v": D}), "mqa": (1, {"k": D, "v": D}),
+            "mla": (1, {"c": m.mla_kv_rank, "k_pe": m.mla_rope_dim}),
+            "lrkv": (1, {"k_s": D, "v_s": D, "z_k": H * m.rank_k, "z_v": H * m.rank_v})}[m.attn]
+
+
+@pytest.mark.parametrize("attn", VARIANTS)
+def test_cache_layout_describes_what_the_cache_holds(attn):
+    m = tiny(attn)
+    model = build(m)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 5)), cache=cache)
+    streams, fields = spec_layout(m)
+    for block, layer_cache in zip(model.layers, cache.layers):
+        layout = block.attn.cache_layout
+        assert layout == cache_layout(m) and (layout.streams, dict(layout.fields)) == (streams, fields)
+        assert {name: b[0, 0].numel() for name, b in layer_cache.buffers.items()} == {
+            name: streams * width for name, width in fields.items()}
+        assert block.attn.kv_numbers_per_token == streams * sum(fields.values())
+
+
+@pytest.mark.parametrize("attn", ["mha", "gqa", "mqa", "lrkv"])
+def test_fused_projection_split_and_cache_rows_rebuild_the_forward_keys(attn):
+    """proj_split matches the README's [q | k | v] / [q | k_s | v_s | z_k | z_v]; keys_values rebuilds, from the
+    cache rows, the per-head keys (rotated) and values computed here from the weights by hand."""
+    m = tiny(attn)
+    a = build(m).layers[0].attn
+    H, D, G, rk, rv = m.n_head, m.dh, m.kv_heads, m.rank_k, m.rank_v
+    expected = [H * D, D, D, H * rk, H * rv] if attn == "lrkv" else [H * D, G * D, G * D]
+    assert list(a.proj_split.values()) == expected and sum(expected) == a.qkv.weight.shape[0]
+    B, T = 2, 7
+    x, positions = torch.randn(B, T, m.d_model), torch.arange(T)
+    cos, sin = rope_tables(positions, D, m.rope_theta)
+    W = a.qkv.weight.split(expected)
+    with torch.no_grad():
+        if attn == "lrkv":
+            base_k, base_v = x @ W[1].T, x @ W[2].T  # (B, T, D)
+            z_k, z_v = (x @ W[3].T).view(B, T, H, rk), (x @ W[4].T).view(B, T, H, rv)
+            k = rope(base_k[:, None] + torch.einsum("bthr,hrd->bhtd", z_k, a.b_k), cos, sin)
+            v = base_v[:, None] + torch.einsum("bthr,hrd->bhtd", z_v, a.b_v)
+        else:
+            k = rope((x @ W[1].T).view(B, T, G, D).transpose(1, 2), cos, sin)
+            v = (x @ W[2].T).view(B, T, G, D).transpose(1, 2)
+        _, payload = a.prepare(x, positions)
+        rows = a.cache_rows(payload)
+        layout = a.cache_layout
+        assert rows.shape == (B * layout.streams, T, layout.row)
+        parts = layout.split(rows)
+        assert [p.shape[-1] for p in parts.values()] == [w for _, w in layout.fields]
+        k_rows, v_rows = a.keys_values(rows.view(B, layout.streams, T, -1), positions.expand(B, layout.streams, T))
+    torch.testing.assert_close(k_rows, k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_rows, v, rtol=1e-5, atol=1e-5)
+
+
+class ConcatCache(LayerCache):
+    """A third LayerCache, written against the protocol alone: keeps the entries by concatenation."""
+
+    def __init__(self):
+        self.entries: dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.entries.values())).shape[1] if self.entries else 0
+
+    def attend(self, module, q, payload, key_valid):
+        self.calls += 1
+        new = module.cache_entries(payload)
+        self.entries = {n: torch.cat((self.entries[n], t), 1) if self.entries else t for n, t in new.items()}
+        return module.attention(q, self.entries, key_valid, torch.arange(self.length), cached=True)
+
+
+class ConcatModelCache(DecoderCache):
+    def __init__(self, n_layer: int):
+        self.layers = [ConcatCache() for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def key_valid(self, valid, batch, steps, device):
+        return None
+
+
+@pytest.mark.parametrize("attn", VARIANTS)
+def test_any_cache_implementing_the_protocol_decodes_like_the_full_forward(attn):
+    model = build(tiny(attn))
+    idx = torch.randint(0, 97, (2, 12))
+    cache = ConcatModelCache(len(model.layers))
+    with torch.no_grad():
+        full = model(idx)
+        steps = [model(idx[:, :5], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=2e-5)
+    assert all(c.calls == 8 for c in cache.layers)  # one attend per layer and forward

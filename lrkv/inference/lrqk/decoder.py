@@ -13,12 +13,16 @@ Variants (one "stream" = one independent token selection):
   pre-RoPE payload [k_s | v_s | z_k | z_v] shared by all heads, keys rebuilt and rotated at attention time.
   proxy="shared" (P1): one A_K per layer fitted to all heads' true scores (reconstruction target: the rotated
   shared key k_s); proxy="per_head" (P0): per-head factors on the materialised rotated K_h.
-The model's own modules run everything else: attention modules call `cache.attend(...)` (hook in model.py).
+The model's own modules run everything else: each LRQKLayer is the model's LayerCache (lrkv/model.py) for its
+layer, and reads the module only through its public description (cache_layout, cache_rows, keys_values).
+`LRQKDecoder.probe` hands evaluations what every layer attended at each decode step (DecodeStep).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +32,33 @@ from lrkv.inference.cache import STAT_KEYS, FullDecoder, HostToDevice, RowStore,
 from lrkv.inference.lrqk.config import LRQKConfig
 from lrkv.inference.lrqk.plan import MemoryPlan, check_fits, geometry, memory_plan
 from lrkv.inference.lrqk.policies import POLICY_CLASSES, select_top_k
-from lrkv.kernels.reference import causal_attention, lrkv_keys, lrkv_values
-from lrkv.model import GroupedQueryAttention, LRKVAttention, Transformer
+from lrkv.kernels.reference import causal_attention
+from lrkv.model import DecoderCache, LayerCache, Transformer, cache_layout
+
+
+@dataclass
+class DecodeStep:
+    """What one layer attended at one sparse decode step, handed to `LRQKDecoder.probe` (for evaluations).
+
+    Pool streams are the decoder's independent selections (lrkv: one per batch row; mha/gqa/mqa: one per query
+    head, or per KV head with proxy="group"); the per-head tensors are per query head whatever the pool."""
+
+    layer: int
+    position: int  # the decoded token's position; tokens 0..position are stored
+    q: torch.Tensor  # (B, H, 1, D) the rotated query
+    y: torch.Tensor  # (B, H, 1, D) the attention output over the attended tokens
+    scores: torch.Tensor  # (pool streams, heads per stream, position + 1) the policy's scores top-k came from
+    selected: torch.Tensor  # (pool streams, top_k) the policy's top-k token ids, -1 where fewer candidates
+    selected_ok: torch.Tensor  # (pool streams, top_k) bool
+    attended: torch.Tensor  # (B, H, position + 1) bool: the tokens query head h attended (sinks, recent, top-k)
+    keys: torch.Tensor  # (B, H, position + 1, D) every stored token's exact (rotated) key as head h reads it
+    values: torch.Tensor  # (B, H, position + 1, D)
+
 
 # ------------------------------------------------------------------------------------------ per-layer cache
 
 
-class LRQKLayer:
+class LRQKLayer(LayerCache):
     """One layer's LRQK state; the attention module calls `attend` (prefill when T > 1, a decode step when T == 1)."""
 
     def __init__(self, owner: "_LRQKState", index: int, module):
@@ -50,10 +74,11 @@ class LRQKLayer:
         self.pool = SlotPool(g["pool"], o.cfg.slots, g["row"], capacity, dtype, dev)
         pool_ids = torch.arange(g["pool"], device=dev)
         self.batch_of = pool_ids // (g["pool"] // batch)
-        if g["pool"] == g["store"]:  # lrkv (one stream per row) or group-shared gqa (one per KV head)
+        if g["pool"] == g["store"]:  # one selection per row stream: lrkv, or group-shared gqa (per KV head)
             self.store_of = pool_ids
-        else:  # per-query-head gqa: pool stream (b, h) reads KV head h // group
-            self.store_of = self.batch_of * m.kv_heads + (pool_ids % m.n_head) // (m.n_head // m.kv_heads)
+        else:  # per query head: pool stream (b, h) reads the row stream (KV head) that query head h reads
+            layout = self.module.cache_layout
+            self.store_of = self.batch_of * layout.streams + layout.stream_of_head(pool_ids % layout.n_head)
         self.device = dev
         self.policy = POLICY_CLASSES[o.cfg.policy](self, capacity)
         self.recall: list[float] = []
@@ -64,36 +89,29 @@ class LRQKLayer:
         self.pool.grow(capacity)
         self.policy.grow(capacity)
 
-    # -- variant-specific views -------------------------------------------------------------------------------
-
-    @property
-    def lrkv(self) -> bool:
-        return isinstance(self.module, LRKVAttention)
+    # -- the module's layout ------------------------------------------------------------------------------------
 
     def rows(self, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """New tokens' store rows (store streams, T, row)."""
-        if self.lrkv:
-            k_s, v_s, z_k, z_v = kv
-            return torch.cat((k_s, v_s, z_k.flatten(2), z_v.flatten(2)), dim=-1)
-        k, v = kv
-        return torch.cat((k, v), dim=-1).flatten(0, 1)
+        return self.module.cache_rows(kv)
 
     def keys_values(self, rows: torch.Tensor, positions: torch.Tensor, values: bool = True):
-        """Rows (pool streams, n, row) at token positions (pool streams, n) -> K, V (B, Hk, n, D) with Hk the key heads
-        of the pool (H, or the KV heads when the pool is group-shared); V None if not asked."""
-        mod, B, D, H = self.module, self.batch, self.module.head_dim, self.module.n_head
-        if not self.lrkv:
-            k, v = rows.view(B, -1, rows.shape[1], 2 * D).split(D, dim=-1)
-            return k, v if values else None
-        rk, rv = mod.rank_k, mod.rank_v
-        k_s, v_s, z_k, z_v = rows.split([D, D, H * rk, H * rv], dim=-1)
-        n = rows.shape[1]
-        cos, sin = mod.rope(positions.flatten(), D)
-        cos, sin = cos.view(B, 1, n, -1), sin.view(B, 1, n, -1)
-        k = lrkv_keys(k_s, z_k.view(B, n, H, rk).transpose(1, 2), mod.b_k, cos, sin)
-        if not values:
-            return k, None
-        return k, lrkv_values(v_s, z_v.view(B, n, H, rv).transpose(1, 2), mod.b_v)
+        """Rows (streams, n, row) of the store or the pool at token positions (streams, n) -> K, V (B, Hk, n, D),
+        query head h reading key head h // (H / Hk); V None if not asked."""
+        B, n = self.batch, rows.shape[1]
+        return self.module.keys_values(rows.view(B, -1, n, rows.shape[2]), positions.reshape(B, -1, n), values)
+
+    def prompt_keys(self, rows: torch.Tensor, values: bool = False):
+        """The prompt's K (and V if asked) (B, Hk, T, D) from its store rows: the KV heads of a GQA model (never
+        repeated per query head), every head's rebuilt key for LRKV."""
+        T = rows.shape[1]
+        return self.keys_values(rows, torch.arange(T, device=rows.device).expand(len(rows), T), values)
+
+    def stored_keys_values(self, length: int, values: bool = False):
+        """Every stored token's exact K (and V if asked) (B, Hk, length, D), read from the whole store."""
+        self.store.ready()
+        rows = self.store.rows[:, :length].to(self.device)
+        return self.keys_values(rows, torch.arange(length, device=self.device).expand(len(rows), -1), values)
 
     def proxy_view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, ...) per-head tensor -> (proxies, heads per proxy, ...)."""
@@ -127,24 +145,12 @@ class LRQKLayer:
             raise RuntimeError("LRQK prefill runs once, on an empty cache; decode one token per step afterwards")
         rows = self.rows(kv)
         self.store.write(0, rows)
-        if self.lrkv:  # per-head K, V rebuilt from the payload: the policy scores those keys
-            k, v = self.keys_values(rows, torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1))
-            y = causal_attention(q, k, v, key_valid=key_valid)
-        else:  # grouped attention straight on the KV heads
-            y = causal_attention(q, *kv, key_valid=key_valid)
-            k = kv[0]
+        k, v = self.prompt_keys(rows, values=True)  # the keys the policy scores: views of the rows for GQA
+        y = causal_attention(q, k, v, key_valid=key_valid)
         if self.owner.keep_prompt:
             self.prompt = (q, kv)
         self.seed(q, k, kv, rows)
         return y
-
-    def prompt_keys(self, q, kv, rows):
-        """The prompt's keys (B, Hk, T, D), query head h reading key head h // (H / Hk): the KV heads of a GQA model
-        (never repeated per query head), every head's rebuilt key for LRKV."""
-        if self.lrkv:
-            B, _, T, _ = q.shape
-            return self.keys_values(rows, torch.arange(T, device=q.device).expand(B, T), values=False)[0]
-        return kv[0]
 
     def key_streams(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hk, ...) per key head -> (pool streams, key heads per stream, ...), repeating a KV head's tensor for
@@ -223,17 +229,31 @@ class LRQKLayer:
             per_row = self.geo["pool"] // B  # pool streams per batch row: 1 (lrkv), H, or the KV heads (group)
             mask = self.active.view(B, per_row, 1, -1).repeat_interleave(H // per_row, dim=1)
             if not self.policy.wants_weights:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
-            weights = (self.qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
-            self.policy.observe(self.streams(weights[:, :, 0]).sum(1))
-            return (weights.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
+            else:
+                weights = (self.qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
+                self.policy.observe(self.streams(weights[:, :, 0]).sum(1))
+                y = (weights.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)
+        if o.decoder.probe is not None:
+            o.decoder.probe(self.probe_step(t, q, y, scores))
+        return y
+
+    def probe_step(self, t: int, q: torch.Tensor, y: torch.Tensor, scores: torch.Tensor) -> DecodeStep:
+        """This step as the probe sees it: the attended set per query head, every stored key and value."""
+        B, H, L = q.shape[0], q.shape[1], t + 1
+        pool = self.pool
+        counts = torch.zeros(pool.token.shape[0], L, device=q.device)  # empty slots (token -1, inactive) add 0
+        counts.scatter_add_(1, pool.token.clamp(min=0), self.active.float())
+        per_row = self.geo["pool"] // B
+        attended = (counts > 0).view(B, per_row, L).repeat_interleave(H // per_row, dim=1)
+        k, v = self.stored_keys_values(L, values=True)
+        k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
+        return DecodeStep(self.index, t, q, y, scores, self.selected, self.selected_ok, attended, k, v)
 
     def exact_scores(self, q: torch.Tensor, length: int) -> torch.Tensor:
         """Oracle: true q_h . k_h(j) for every stored token (pool streams, heads, length); reads the whole store once
         (per KV head: query heads of a group share their store stream's keys)."""
-        self.store.ready()
-        rows = self.store.rows[:, :length].to(q.device)
-        k, _ = self.keys_values(rows, torch.arange(length, device=q.device).expand(len(rows), -1), values=False)
+        k, _ = self.stored_keys_values(length)
         return self.streams(self.qk(q, k)[:, :, 0])
 
 
@@ -245,10 +265,12 @@ def _recall(top, ok, exact_top, exact_ok) -> float:
     return float((match[has] / n[has]).mean()) if bool(has.any()) else 1.0
 
 
-class _LRQKState:
-    """Duck-types ModelCache for Transformer.forward: per-layer LRQK caches, the length and the validity history."""
+class _LRQKState(DecoderCache):
+    """The model's cache (DecoderCache) during LRQK decoding: per-layer LRQK caches, the length and the validity
+    history."""
 
     def __init__(self, decoder: "LRQKDecoder", batch: int, capacity: int):
+        self.decoder = decoder
         self.cfg, self.model_cfg = decoder.cfg, decoder.model.cfg
         self.gpu_device, self.store_device, self.pin = decoder.gpu_device, decoder.store_device, decoder.pin
         self.dtype, self.keep_prompt = decoder.dtype, decoder.keep_prompt
@@ -294,6 +316,10 @@ class LRQKDecoder:
     offload=True keeps the row store on `cpu_device` (pinned when the GPU is CUDA); offload=False keeps it on
     `gpu_device` — the same algorithm without transfers, for comparison. `max_context` sizes the store up front
     (the memory plan's number); without it the store starts at twice the prompt and doubles when full.
+
+    `probe`, when set to a callable, is called at every sparse decode step of every layer (the `sparse_query_tail`
+    prompt tokens included) with a DecodeStep: what the layer selected and attended, with every stored key and
+    value for an exact reference. It costs nothing while None; forks start without one.
     """
 
     def __init__(self, model: Transformer, cfg: LRQKConfig, gpu_device="cpu", cpu_device="cpu", pin_memory=True,
@@ -301,12 +327,10 @@ class LRQKDecoder:
         m = model.cfg
         geometry(m, cfg, 1)  # refuses unsupported attention types
         cfg.validate(m.dh)
-        expected = LRKVAttention if m.attn == "lrkv" else GroupedQueryAttention
+        expected = cache_layout(m)  # the plan is computed from the config: each module must lay its cache out so
         for i, block in enumerate(model.layers):
             attn = block.attn
-            if not isinstance(attn, expected) or attn.n_head != m.n_head or attn.head_dim != m.dh or (
-                    m.attn != "lrkv" and attn.n_kv_head != m.kv_heads) or (
-                    m.attn == "lrkv" and (attn.rank_k, attn.rank_v) != (m.rank_k, m.rank_v)):
+            if attn.cache_layout != expected:
                 raise ValueError(f"layer {i}: attention module {type(attn).__name__} does not match the model "
                                  f"config (attn={m.attn}, n_head={m.n_head}, head_dim={m.dh})")
         self.model, self.requested, self.cfg = model, cfg, cfg  # cfg: the requested one resolved per prefill
@@ -319,6 +343,7 @@ class LRQKDecoder:
         self.store_device = self.cpu_device if offload else self.gpu_device
         self.pin = pin_memory and offload and self.gpu_device.type == "cuda"
         self.keep_prompt = False
+        self.probe: Callable[[DecodeStep], None] | None = None
         self.state: _LRQKState | None = None
         self.stats = new_stats()
 
@@ -388,7 +413,7 @@ class LRQKDecoder:
             mine.store.ready()
             theirs.store.rows[:, :T].copy_(mine.store.rows[:, :T])
             rows = theirs.rows(kv)
-            theirs.seed(q, theirs.prompt_keys(q, kv, rows), kv, rows)
+            theirs.seed(q, theirs.prompt_keys(rows)[0], kv, rows)
         return other
 
     def full_decoder(self) -> FullDecoder:
@@ -438,7 +463,7 @@ class LRQKDecoder:
         return tuple(sum(t.numel() * t.element_size() for t in ts) for ts in (host, device))
 
 
-class Lockstep:
+class Lockstep(DecoderCache):
     """Batch-1 decoders at the same length (e.g. forks of one prefill) stepped as one batch: one model forward per
     step for all of them, so the weights are read once, while row i attends through decoder i's own layers. Each
     decoder's outputs and counters are what its own `step` would give (up to batched-matmul rounding)."""
@@ -471,7 +496,7 @@ class Lockstep:
         return logits
 
 
-class _LockstepLayer:
+class _LockstepLayer(LayerCache):
     def __init__(self, owner: Lockstep, index: int):
         self.owner, self.index = owner, index
 

@@ -10,6 +10,8 @@ import torch
 
 from lrkv.config import ModelConfig
 from lrkv.inference.lrqk.config import LRQKConfig
+from lrkv.model import cache_layout
+
 
 @dataclass
 class MemoryPlan:
@@ -37,24 +39,26 @@ def free_host_bytes() -> int:
 QUEST_PAGE = 16  # tokens per page (Quest's default)
 
 
+LRQK_ATTENTION = ("lrkv", "mha", "gqa", "mqa")  # variants whose keys_values the decoder reads (not mla)
+
+
 def geometry(m: ModelConfig, cfg: LRQKConfig, batch: int) -> dict:
-    """Stream counts and row widths shared by the plan and the allocation (so the two cannot drift).
-    pool: selection streams; store: row-store streams; key_heads: heads per pool stream with their own keys;
-    key_width: numbers per stored token that the exact keys are rebuilt from; proxies/heads: LRQK A_K count and
-    query heads sharing one A_K."""
-    H, D = m.n_head, m.dh
-    if m.attn == "lrkv":
+    """Stream counts and row widths shared by the plan and the allocation (so the two cannot drift), from the
+    attention's own cache layout. pool: selection streams; store: row-store streams; key_heads: heads per pool
+    stream with their own keys; key_width: numbers per stored token that the exact keys are rebuilt from;
+    proxies/heads: LRQK A_K count and query heads sharing one A_K."""
+    if m.attn not in LRQK_ATTENTION:
+        raise ValueError(f"LRQK does not support attention '{m.attn}' (supported: {', '.join(LRQK_ATTENTION)})")
+    layout = cache_layout(m)
+    store = batch * layout.streams
+    rows = dict(store=store, row=layout.row, key_width=layout.key_width)
+    if layout.key_heads > 1:  # every head's key rebuilt from one row (lrkv): one selection per row (spec §7)
         shared = cfg.proxy == "shared"
-        return dict(pool=batch, store=batch, row=2 * D + H * (m.rank_k + m.rank_v), key_heads=H,
-                    key_width=D + H * m.rank_k, proxies=batch if shared else batch * H, heads=H if shared else 1)
-    if m.attn in ("mha", "gqa", "mqa"):
-        G = m.kv_heads
-        if cfg.proxy == "group":  # one A_K, selection and slot set per KV head, scored by the group's g query heads
-            return dict(pool=batch * G, store=batch * G, row=2 * D, key_heads=1, key_width=D,
-                        proxies=batch * G, heads=H // G)
-        return dict(pool=batch * H, store=batch * G, row=2 * D, key_heads=1, key_width=D,
-                    proxies=batch * H, heads=1)
-    raise ValueError(f"LRQK does not support attention '{m.attn}' (supported: lrkv, mha, gqa, mqa)")
+        return dict(rows, pool=store, key_heads=layout.key_heads, proxies=store if shared else store * layout.key_heads,
+                    heads=layout.key_heads if shared else 1)
+    if cfg.proxy == "group":  # one A_K, selection and slot set per KV head, scored by the group's query heads
+        return dict(rows, pool=store, key_heads=1, proxies=store, heads=layout.group)
+    return dict(rows, pool=batch * m.n_head, key_heads=1, proxies=batch * m.n_head, heads=1)  # per query head
 
 
 def policy_state_bytes(cfg: LRQKConfig, g: dict, L: int, D: int, elt: int) -> int:

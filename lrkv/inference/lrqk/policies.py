@@ -32,7 +32,6 @@ import torch
 from lrkv.inference.cache import phase
 from lrkv.inference.lrqk.lowrank import als_factorize, decode_solve, kaczmarz
 from lrkv.inference.lrqk.plan import QUEST_PAGE
-from lrkv.kernels.reference import rope
 
 
 def select_top_k(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,9 +239,8 @@ class LRQK(Policy):
         B, H, T, D = q.shape
         w = keep[:, None, :, None] if lay.owner.padded else None  # padding rows zeroed so they do not shape the fit
         kf = k.float() if w is None else k.float() * w  # fp32 math (a copy for bf16 models)
-        if lay.lrkv and lay.geo["heads"] > 1:  # lrkv shared proxy: all heads' true scores vs one A_K; B_K: rope(k_s)
-            positions = torch.arange(T, device=q.device)
-            k_rec = rope(kv[0], *lay.module.rope(positions, D)).float() * keep[..., None]  # (B, T, D): small
+        if _spans_keys(lay):  # lrkv shared proxy: all heads' true scores vs one A_K; B_K: rope(k_s)
+            k_rec = lay.module.shared_key(kv, torch.arange(T, device=q.device)).float() * keep[..., None]  # (B, T, D)
             qf = q.float() if w is None else q.float() * w
             f = als_factorize(qf, kf, k_rec, cfg.rank, cfg.prefill_iters, cfg.tol, lay.owner.generator)
             self.a_k[:, :T], self.b_q, self.b_k = f.a_k, f.b_q, f.b_k
@@ -281,8 +279,8 @@ class LRQK(Policy):
         per = self.a_k.shape[0] // tokens.shape[0]  # proxies per pool stream (lrkv per_head: H)
         a_omega = self.a_k.gather(1, tokens.repeat_interleave(per, 0)[..., None].expand(-1, -1, cfg.rank)).float()
         a_omega = a_omega * resident.repeat_interleave(per, 0)[..., None]
-        if lay.lrkv and lay.geo["heads"] > 1:
-            k_rec = rope(kv[0][:, 0], *lay.module.rope(torch.full((1,), t, device=q.device), D)).float()
+        if _spans_keys(lay):
+            k_rec = lay.module.shared_key(kv, torch.full((1,), t, device=q.device))[:, 0].float()
         else:
             k_rec = k_t[:, :, 0].float().reshape(lay.geo["proxies"], D)
         q_p = lay.proxy_view(qf)
@@ -295,6 +293,12 @@ class LRQK(Policy):
         # scored in the storage dtype (fp32 accumulation on GPUs): no fp32 copy of all of A_K every step
         scores = (self.a_k[:, None, :L] @ q_hat.to(self.a_k.dtype)[..., None])[..., 0].float()
         return scores.reshape(lay.geo["pool"], -1, L)
+
+
+def _spans_keys(layer) -> bool:
+    """One A_K for several heads that have their own keys (lrkv's shared proxy, spec §7 P1): it reconstructs the
+    key they share (the module's shared_key), not one head's."""
+    return layer.geo["heads"] > 1 and layer.geo["key_heads"] > 1
 
 
 POLICY_CLASSES = {"lrqk": LRQK, "exact": Exact, "streaming": Streaming, "h2o": H2O, "quest": Quest, "loki": Loki}
