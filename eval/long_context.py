@@ -66,7 +66,7 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from eval.common import cli, markdown_table  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
-from lrkv.inference.cache import FullDecoder  # noqa: E402
+from lrkv.inference.full import FullDecoder  # noqa: E402
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
 from lrkv.tokenizer import eos_id  # noqa: E402
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import lrkv.inference.lrqk as lrqk
 from lrkv.config import ModelConfig, validate_model
-from lrkv.inference.cache import FullDecoder, RowStore, SlotPool, HostToDevice
+from lrkv.inference.cache import HostToDevice, RowStore, SlotPool
+from lrkv.inference.full import FullDecoder
 from lrkv.inference.lrqk import (LRQKConfig, LRQKDecoder, MemoryPlanError, als_factorize, als_objective,
                                  decode_solve, kaczmarz)
 from lrkv.kernels.reference import rope

@@ -4,9 +4,8 @@ full-precision payload, a bounded GPU slot pool holding the rows in use, and the
 A "row" is what one token contributes to one store stream: for LRKV the pre-RoPE payload
 [k_s | v_s | z_k (H r_k) | z_v (H r_v)] shared by all heads; for MHA/GQA/MQA the rotated [k | v] of one KV head.
 Pool streams are the units that select tokens independently (LRKV: one per batch row; GQA: one per query head,
-as the reference), each reading rows from one store stream.
-
-Also `FullDecoder`: the model's own exact cache behind the same prefill/step/stats API as the LRQK decoder.
+as the reference), each reading rows from one store stream. Each attention module describes its row
+(lrkv/model.py: cache_layout, cache_rows); the decode counters (STAT_KEYS) are shared with full.py's FullDecoder.
 """
 
 from __future__ import annotations
@@ -181,30 +180,3 @@ class SlotPool:
         counts = {"hits": hit[:, kept:K].sum(), "misses": n_miss, "selections": wanted_ok[:, kept:].sum(),
                   "bytes_moved": n_miss * (self.slots.shape[2] * self.slots.element_size())}
         return active, counts
-
-
-class FullDecoder:
-    """The model's own exact cache (ModelCache) behind the LRQK decoder's prefill/step/stats API."""
-
-    def __init__(self, model):
-        self.model = model
-        self.cache = None
-        self.stats = new_stats()
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-    @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, valid: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        self.cache = self.model.new_cache()
-        self.stats = new_stats()
-        return self.model(idx, cache=self.cache, valid=valid, logits_to_keep=logits_to_keep)
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
-            raise RuntimeError("FullDecoder.step called before prefill")
-        self.stats["steps"] += 1
-        self.stats["last_step"] = {**{k: 0 for k in STAT_KEYS}, "steps": 1}
-        return self.model(tokens, cache=self.cache)

@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lrkv.export import open_export
-from lrkv.inference.cache import FullDecoder
+from lrkv.inference.full import FullDecoder
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder, MemoryPlan, memory_plan
 from lrkv.model import Transformer
 

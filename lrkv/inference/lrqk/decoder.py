@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from lrkv.config import ModelConfig
-from lrkv.inference.cache import STAT_KEYS, FullDecoder, HostToDevice, RowStore, SlotPool, new_stats, phase
+from lrkv.inference.cache import STAT_KEYS, HostToDevice, RowStore, SlotPool, new_stats, phase
+from lrkv.inference.full import FullDecoder
 from lrkv.inference.lrqk.config import LRQKConfig
 from lrkv.inference.lrqk.plan import MemoryPlan, check_fits, geometry, memory_plan
 from lrkv.inference.lrqk.policies import POLICY_CLASSES, select_top_k
