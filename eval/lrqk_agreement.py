@@ -9,7 +9,8 @@ are then teacher-forced through the same continuation, so every step compares li
                 attention over every stored token for the same query: each layer's own error, not propagated
     kl          KL(p_full || p_lrqk) of the final next-token distributions
     agree       share of steps whose greedy (argmax) token is the same
-The per-layer numbers read the decoder's resident set and row store (lrkv/inference/lrqk.py internals).
+The per-layer numbers come from the decoder's probe (LRQKDecoder.probe: per layer and step, the attended set and
+every stored key and value).
 
     python -m eval.lrqk_agreement --export DIR [--ranks 4,8,16] [--top-ks 16,32,64] [--prompts 4] [--out DIR]
 """
@@ -53,39 +54,24 @@ import torch.nn.functional as F  # noqa: E402
 from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from eval.perplexity import source_tokens  # noqa: E402
 from lrkv.export import load_export, open_export  # noqa: E402
-from lrkv.inference.cache import FullDecoder  # noqa: E402
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
+from lrkv.inference.full import FullDecoder  # noqa: E402
+from lrkv.inference.lrqk import DecodeStep, LRQKConfig, LRQKDecoder  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
 
-class LayerProbe:
-    """Wraps one LRQK layer's `attend` to record, at every decode step, the attention mass on the attended set and
-    the relative error against exact attention over all stored tokens."""
+class Probe:
+    """LRQKDecoder.probe: at every decode step of every layer, the share of exact attention's mass on the attended
+    set and the relative error of the layer's attention output against exact attention over all stored tokens."""
 
-    def __init__(self, layer):
-        self.layer, self.mass, self.rel_err = layer, [], []
-        self.inner = layer.attend
-        layer.attend = self
+    def __init__(self, n_layer: int):
+        self.mass, self.rel_err = [[] for _ in range(n_layer)], [[] for _ in range(n_layer)]
 
-    def __call__(self, module, q, kv, key_valid):
-        y = self.inner(module, q, kv, key_valid)
-        if q.shape[2] == 1:
-            self.record(q, y)
-        return y
-
-    def record(self, q: torch.Tensor, y: torch.Tensor) -> None:
-        lay = self.layer
-        B, H, _, D = q.shape
-        L = lay.length
-        lay.store.ready()
-        rows = lay.store.rows[lay.store_of.to(lay.store.rows.device), :L].to(q.device)
-        k, v = lay.keys_values(rows, torch.arange(L, device=q.device).expand(len(rows), -1))
-        p = torch.softmax((q.float() @ k.float().mT)[:, :, 0] / math.sqrt(D), dim=-1)  # (B, H, L)
-        exact = (p[:, :, None] @ v.float()).transpose(1, 2).reshape(B, 1, H * D)
-        attended = torch.zeros(lay.pool.token.shape[0], L, device=q.device)
-        attended.scatter_add_(1, lay.pool.token.clamp(min=0), lay.active.float())  # (pool streams, L); empty slots add 0
-        self.mass.append(float((p * attended.view(B, -1, L)).sum(-1).mean()))
-        self.rel_err.append(float((y.float() - exact).norm() / exact.norm().clamp_min(1e-30)))
+    def __call__(self, step: DecodeStep) -> None:
+        D = step.q.shape[-1]
+        p = torch.softmax((step.q.float() @ step.keys.float().mT)[:, :, 0] / math.sqrt(D), dim=-1)  # (B, H, L)
+        exact = p[:, :, None] @ step.values.float()  # (B, H, 1, D)
+        self.mass[step.layer].append(float((p * step.attended).sum(-1).mean()))
+        self.rel_err[step.layer].append(float((step.y.float() - exact).norm() / exact.norm().clamp_min(1e-30)))
 
 
 def agreement(model: Transformer, windows: list[torch.Tensor], prefix: int, cfg: LRQKConfig) -> dict:
@@ -97,16 +83,16 @@ def agreement(model: Transformer, windows: list[torch.Tensor], prefix: int, cfg:
     for w in windows:
         full, lrqk = FullDecoder(model), LRQKDecoder(model, cfg)
         lf, ll = full.prefill(w[None, :prefix])[:, -1], lrqk.prefill(w[None, :prefix])[:, -1]
-        probes = [LayerProbe(layer) for layer in lrqk.state.layers]
+        lrqk.probe = probe = Probe(n_layer)
         for t in range(prefix, len(w)):
             tok = w[None, t:t + 1]
             lf, ll = full.step(tok)[:, -1], lrqk.step(tok)[:, -1]
             logp_f, logp_l = F.log_softmax(lf.float(), -1), F.log_softmax(ll.float(), -1)
             kl.append(float((logp_f.exp() * (logp_f - logp_l)).sum()))
             agree.append(float(lf.argmax() == ll.argmax()))
-        for i, probe in enumerate(probes):
-            mass[i] += probe.mass
-            rel_err[i] += probe.rel_err
+        for i in range(n_layer):
+            mass[i] += probe.mass[i]
+            rel_err[i] += probe.rel_err[i]
         recall.append(lrqk.stats["recall"])
     per_layer = {"recall": np.mean(recall, axis=0).tolist(), "mass": [float(np.mean(m)) for m in mass],
                  "rel_err": [float(np.mean(e)) for e in rel_err]}
