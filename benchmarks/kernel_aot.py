@@ -1,6 +1,6 @@
-"""Ahead-of-time compile report of the Triton kernels for sm_80 / sm_90, no GPU needed (lrkv/kernels/aot.py).
+"""Ahead-of-time compile report of the Triton kernels for sm_80/86/89/90, no GPU needed (lrkv/kernels/aot.py).
 
-    python benchmarks/kernel_aot.py                  # shipped shapes, bf16, both archs, every declared config
+    python benchmarks/kernel_aot.py                  # shipped shapes, bf16, every arch, every declared config
     python benchmarks/kernel_aot.py --configs kept   # only the configs each target keeps (what the op launches)
     python benchmarks/kernel_aot.py --sweep          # bf16 + fp16, D 64/128, ranks 16/32/64 and 24/48
 
@@ -26,7 +26,7 @@ SWEEP = [(d, rk, rv) for d in (64, 128) for rk, rv in ((16, 16), (32, 32), (64, 
 KERNELS = ["_fwd", "_bwd_dq", "_bwd_dk", "_bwd_dv", "decode"]
 DECODE_VARIANTS = [(1, False), (1, True), (16, False), (16, True)]  # (new queries, padding mask)
 # the parser is built before torch is imported, so these mirror the kernels' (tests/test_cli.py checks they agree)
-ARCHS, DTYPE_NAMES = (80, 90), ("bf16", "fp16", "fp32")  # lrkv_attn.SMEM_LIMIT's keys; DTYPES' below
+ARCHS, DTYPE_NAMES = (80, 86, 89, 90), ("bf16", "fp16", "fp32")  # lrkv_attn.SMEM_LIMIT's keys; DTYPES' below
 
 
 def shape(text):
@@ -39,8 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/kernel_aot.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="bf16 + fp16, D 64/128 and ranks 16/32/64/24/48")
-    p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=ARCHS,
-                   help="compute capabilities to compile for (default: 90 80)")
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS,
+                   help="compute capabilities to compile for (default: all)")
     p.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, help="default bf16 (--sweep: bf16 fp16)")
     p.add_argument("--shape", type=shape, nargs="+", metavar="D,R_K,R_V", help="instead of the shipped shapes")
     p.add_argument("--configs", choices=["all", "kept", "first"], default="all",

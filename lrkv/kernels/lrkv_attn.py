@@ -25,7 +25,7 @@ backward _bwd_dq: program = (query tile, b, h), loop over key tiles (recompute P
          live across the head loop.
 Per-batch and per-head base offsets are int64 (they pass 2^31 elements at B 16, T 64K, 18 heads of 128).
 RoPE tables are cast to the input dtype, as reference.rope does. Autotune configs (TILES) were chosen from
-ptxas register/spill reports for sm_80 and sm_90 (compiled ahead of time; no GPU has timed them).
+ptxas register/spill reports for sm_80, sm_86, sm_89 and sm_90 (compiled ahead of time; no GPU has timed them).
 Queries may be fewer than keys (bottom-right aligned causal mask, as the reference). Ranks are padded to a
 power of two >= 16 with masked loads; rank 0 is padded to rank 1 with zeros. Limits: head_dim in FUSED_HEAD_DIMS
 (RoPE halves are tl.dot operands, so D/2 >= 16), ranks <= head_dim, dtype fp16/bf16/fp32 (fp32 only under
@@ -49,22 +49,28 @@ from lrkv.kernels.triton_util import FUSED_HEAD_DIMS, INTERPRET, LOG2E, alignmen
 DTYPES = (torch.float32,) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[str] = set()  # reference fallbacks already reported
 POISON_OUTPUTS = False  # tests: outputs start as NaN so elements a kernel forgets to write show up
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per-block shared memory (opt-in maximum), by compute capability
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # per-block opt-in maximum, by compute capability
 
 
 # (BM, BN, num_warps, num_stages) per kernel and target family, chosen from ptxas reports at D 128, r 64/48, bf16
 # (benchmarks/kernel_aot.py; no GPU has timed them): every one compiles with zero spills there. sm_80's mma.sync
 # keeps both dot operands in registers, so it gets smaller tiles; sm_90 (wgmma) reads one from shared memory.
 TILES = {
-    "_fwd": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(64, 16, 4, 3), (32, 32, 4, 3)]},
-    "_bwd_dq": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(32, 16, 4, 3), (32, 32, 4, 2)]},
-    "_bwd_dk": {90: [(64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)]},
-    "_bwd_dv": {90: [(64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)]},
+    "_fwd": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(64, 16, 4, 3), (32, 32, 4, 3)],
+             86: [(32, 32, 4, 3)]},
+    "_bwd_dq": {90: [(128, 32, 8, 3), (64, 32, 4, 4), (64, 32, 8, 3)], 80: [(32, 16, 4, 3), (32, 32, 4, 2)],
+                86: [(32, 16, 4, 3)]},
+    "_bwd_dk": {90: [(64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)],
+                86: [(64, 32, 4, 3), (32, 32, 4, 3)]},
+    "_bwd_dv": {90: [(64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3)], 80: [(64, 32, 4, 3), (32, 32, 4, 3)],
+                86: [(64, 32, 4, 3), (32, 32, 4, 3)]},
 }
 
 
 def _family(arch: int) -> int:
-    return 90 if arch >= 90 else 80
+    """Tile set of a target: Hopper; sm_86/sm_89 (GeForce/A10/L4/L40: 99 KiB of shared memory per block, and
+    ptxas spills sm_80's 64x16 forward and 32x32 two-stage dQ tiles there at D 128); other Ampere."""
+    return 90 if arch >= 90 else 86 if arch in (86, 89) else 80
 
 
 def _configs(kernel):
