@@ -4,7 +4,7 @@
     python benchmarks/kernel.py --cpu-smoke              # no GPU: one tiny shape under the Triton interpreter
 
 Columns: time (ms, median of triton.testing.do_bench) and TFLOP/s for forward and forward+backward, and the
-peak memory a forward+backward allocates beyond its inputs (MiB). FLOP convention (spec lrkv.md §4, the same
+peak memory a forward+backward allocates beyond its inputs (MiB). FLOP convention (docs/lrkv.md §4, the same
 for all three so TFLOP/s ratios are inverse time ratios): attention core only, forward = 4·B·H·T²·D (QK^T and
 PV) halved for causal, forward+backward = 3x forward; the fused kernel's K rebuild (2·T·r·D per tile pass) is
 not counted as useful work. Beside each measured ratio: the work ratio it should be read against, tensor-core
@@ -45,7 +45,7 @@ RANKS = (32, 64)
 
 
 def lrkv_inputs(B, H, T, D, r, dtype, device):
-    """Op inputs (spec §10) with unit-scale activations and B factors scaled like trained ones."""
+    """Op inputs (docs/lrkv.md §10) with unit-scale activations and B factors scaled like trained ones."""
     q = torch.randn(B, H, T, D, dtype=dtype, device=device)
     k_s, v_s = torch.randn(B, T, D, dtype=dtype, device=device), torch.randn(B, T, D, dtype=dtype, device=device)
     z_k, z_v = (torch.randn(B, H, T, r, dtype=dtype, device=device) for _ in range(2))

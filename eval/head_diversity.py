@@ -1,4 +1,4 @@
-"""Operator-space head diversity (spec lrkv.md §7), for any export; compares variants.
+"""Operator-space head diversity (docs/lrkv.md §7), for any export; compares variants.
 
 Per layer and head h the gauge-invariant bilinear forms are M_h^QK = W_Q^h (W_K^h)^T and M_h^OV = W_V^h W_O^h
 (d x d each, never formed). Their Gram matrix G_ab = <M_a, M_b>_F = tr((L_a^T L_b)(R_b^T R_a)) for M = L R^T
@@ -141,7 +141,7 @@ def run(exports: list[str], names: list[str] | None, out: Path, normalize: bool 
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     norm = "unit-norm operators" if normalize else "raw operator scale"
-    (out / "head_diversity.md").write_text(f"# Head diversity (spec §7, centred Gram, {norm}; mean ± std over layers)\n\n{table}")
+    (out / "head_diversity.md").write_text(f"# Head diversity (docs/lrkv.md §7, centred Gram, {norm}; mean ± std over layers)\n\n{table}")
     plot(results, out / "head_diversity.png")
     return table
 

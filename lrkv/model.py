@@ -313,7 +313,7 @@ class GroupedQueryAttention(Attention):
 
 
 class LRKVAttention(Attention):
-    """LRKV (spec lrkv.md §1): K_h = X W_K^s + (X A_h^K) B_h^K, V_h likewise; RoPE on the reconstructed K_h.
+    """LRKV (docs/lrkv.md §1): K_h = X W_K^s + (X A_h^K) B_h^K, V_h likewise; RoPE on the reconstructed K_h.
 
     One fused GEMM gives [q | k_s | v_s | z_k (H*r_k) | z_v (H*r_v)]; the cache holds k_s, v_s (pre-RoPE)
     and the per-head latents z_k, z_v, i.e. 2*d_h + H*(r_k + r_v) numbers per token in one row every head reads.
@@ -393,7 +393,7 @@ class LRKVAttention(Attention):
 
     def shared_key(self, payload, positions: torch.Tensor) -> torch.Tensor:
         """The rotated shared key rope(k_s) (B, T, D) of payload's tokens at `positions` (T,): what every head's key
-        has in common (LRQK's shared proxy fits it, spec lrqk.md §7)."""
+        has in common (LRQK's shared proxy fits it, docs/lrqk.md §7)."""
         return rope(payload[0], *self.rope(positions, self.head_dim))
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -460,7 +460,7 @@ class MultiHeadLatentAttention(Attention):
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per head W_Q, W_K, W_V, W_O as (H, d, D) fp64 maps (x @ W) of the content part only: the shared RoPE key
-        is left out (spec lrkv.md §7). The latents' RMSNorm gain is folded into the down-projection; its 1/rms is a
+        is left out (docs/lrkv.md §7). The latents' RMSNorm gain is folded into the down-projection; its 1/rms is a
         per-token scalar common to all heads, so it scales every head's operator alike and is left out."""
         H, D, dc = self.n_head, self.head_dim, self.kv_rank
         down = self.wkv_a.weight.double()[:dc].T * self.kv_norm.weight.double()

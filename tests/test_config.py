@@ -113,7 +113,7 @@ def test_info_json_for_2p5b_configs():
     stats = {name: json.loads(_info("--config", f"{name}_2p5b.yaml", "--json")) for name in ("lrkv", "mha", "gqa", "mla")}
     for s in stats.values():
         assert {"params", "flops_per_token", "kv_bytes_per_token", "kv_bytes_per_token_mha"} <= set(s)
-    # Independent arithmetic from spec §3.1: 2.5B MHA caches 2*18*128 numbers/layer; LRKV 2*128 + 18*(64+48).
+    # Independent arithmetic from docs/lrkv.md §3.1: 2.5B MHA caches 2*18*128 numbers/layer; LRKV 2*128 + 18*(64+48).
     assert stats["mha"]["kv_bytes_per_token"] == 2 * (2 * 18 * 128) * 18
     assert stats["lrkv"]["kv_bytes_per_token"] == 2 * (2 * 128 + 18 * (64 + 48)) * 18
     assert stats["lrkv"]["kv_bytes_per_token"] <= 0.55 * stats["lrkv"]["kv_bytes_per_token_mha"]

@@ -1,4 +1,4 @@
-"""LRQK decoder (spec lrqk.md §7 test list): exactness when everything fits, oracle selection vs an independent
+"""LRQK decoder (docs/lrqk.md §7, correctness tests): exactness when everything fits, oracle selection vs an independent
 sparse attention, cache invariants and accounting, ALS / Kaczmarz algebra, proxy recall, errors, memory plan."""
 
 import dataclasses

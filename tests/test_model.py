@@ -179,7 +179,7 @@ def test_2p5b_params_and_kv_fraction():
     with torch.device("meta"):
         model, mha = Transformer(cfg), Transformer(dataclasses.replace(cfg, attn="mha"))
     assert 2.25e9 <= model.num_params() <= 2.75e9
-    # independent count from spec §4 + SwiGLU + untied embeddings
+    # independent count from docs/lrkv.md §4 + SwiGLU + untied embeddings
     d, H, Dh, L, V, F = 2304, 18, 128, 18, 65536, 14336
     attn = 2 * d * H * Dh + (d * Dh + H * 64 * (d + Dh)) + (d * Dh + H * 48 * (d + Dh))
     assert model.num_params() == L * (attn + 3 * d * F + 2 * d) + 2 * V * d + d

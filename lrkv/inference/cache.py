@@ -1,4 +1,4 @@
-"""Storage for the LRQK hybrid cache (spec lrqk.md §3, §7): a per-layer CPU row store holding every token's
+"""Storage for the LRQK hybrid cache (docs/lrqk.md §3, §7): a per-layer CPU row store holding every token's
 full-precision payload, a bounded GPU slot pool holding the rows in use, and the H2D path between them.
 
 A "row" is what one token contributes to one store stream: for LRKV the pre-RoPE payload

@@ -48,7 +48,7 @@ def _fallback(reason: str) -> None:
 
 def lrkv_attend(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal=True, scale=None, key_valid=None,
                 impl: str = "torch", cached: bool = False):
-    """LRKV attention (spec lrkv.md §10; shapes as reference.lrkv_attention, z_k/z_v as (B, H, T, r)).
+    """LRKV attention (docs/lrkv.md §10; shapes as reference.lrkv_attention, z_k/z_v as (B, H, T, r)).
 
     impl="torch" (model.attn_impl): the reference. impl="triton": a cached step (`cached`, at most DECODE_MAX_TOKENS new
     queries, no autograd) takes the decode kernel, which reads z in the cache's (B, T, H, r) layout and takes

@@ -1,4 +1,4 @@
-"""Fused LRKV attention in Triton, forward and backward (spec lrkv.md §8; op contract §10, as reference.py).
+"""Fused LRKV attention in Triton, forward and backward (docs/lrkv.md §8; op contract §10, as reference.py).
 
 Per-head K_h = rope(k_s + z_k[h] @ b_k[h]) and V_h = v_s + z_v[h] @ b_v[h] exist only as tiles, on chip (the
 backward's dK pass stages its tiles through a transient scratch, see below):

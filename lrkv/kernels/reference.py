@@ -1,4 +1,4 @@
-"""Plain PyTorch LRKV attention: the oracle every other backend is tested against (spec lrkv.md §10).
+"""Plain PyTorch LRKV attention: the oracle every other backend is tested against (docs/lrkv.md §10).
 
 K_h = rope(k_s + z_k[:, h] @ b_k[h]);  V_h = v_s + z_v[:, h] @ b_v[h]
 o[:, h] = softmax(q[:, h] K_h^T * scale + causal_mask) V_h
@@ -90,7 +90,7 @@ def lrkv_values(v_s, z_v, b_v) -> torch.Tensor:
 
 def lrkv_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal: bool = True, scale: float | None = None,
                    key_valid: torch.Tensor | None = None):
-    """Reference LRKV attention; materialises per-head K/V, then SDPA. Shapes: see module docstring / spec §10.
+    """Reference LRKV attention; materialises per-head K/V, then SDPA. Shapes: see module docstring / docs/lrkv.md §10.
     key_valid (B, Tk) bool, an extension beyond the §10 contract, masks padding keys (see causal_attention)."""
     check_lrkv_inputs(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin)
     return causal_attention(q, lrkv_keys(k_s, z_k, b_k, cos, sin), lrkv_values(v_s, z_v, b_v), causal, scale, key_valid)

@@ -1,4 +1,4 @@
-"""LRQK hybrid GPU-CPU decoder (spec lrqk.md) and its token-selection policies.
+"""LRQK hybrid GPU-CPU decoder (docs/lrqk.md) and its token-selection policies.
 
     config.py    LRQKConfig: budget, policy, proxy knobs; presets
     lowrank.py   the ALS prefill fit, the per-token q̂/k̂ solve, Kaczmarz updates (pure functions)

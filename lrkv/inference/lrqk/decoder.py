@@ -1,4 +1,4 @@
-"""LRQK hybrid GPU-CPU decoding (spec lrqk.md §1-3 reference algorithm, §7 for LRKV models).
+"""LRQK hybrid GPU-CPU decoding (docs/lrqk.md §1-3 reference algorithm, §7 for LRKV models).
 
 Prefill is exact attention over the prompt; it writes every token's full-precision row to the per-layer CPU
 store (cache.py), fits the selection policy's state (LRQK: the low-rank factors, §1) and seeds the bounded GPU

@@ -1,4 +1,4 @@
-"""LRQK's low-rank algebra (spec lrqk.md §1-2): the prefill ALS fit of A_Q, A_K, B_Q, B_K, the per-token q̂/k̂
+"""LRQK's low-rank algebra (docs/lrqk.md §1-2): the prefill ALS fit of A_Q, A_K, B_Q, B_K, the per-token q̂/k̂
 solve and the Kaczmarz basis updates. Pure functions on fp32 tensors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 
 def _ridge(m: torch.Tensor) -> torch.Tensor:
-    """m + eps I with eps = 1e-6 trace(m)/r (spec §8.4) and a tiny floor for all-zero systems."""
+    """m + eps I with eps = 1e-6 trace(m)/r (docs/lrqk.md §8.4) and a tiny floor for all-zero systems."""
     r = m.shape[-1]
     eps = 1e-6 * m.diagonal(dim1=-2, dim2=-1).sum(-1) / r + 1e-20
     return m + eps[..., None, None] * torch.eye(r, dtype=m.dtype, device=m.device)
@@ -36,7 +36,7 @@ class Factors(NamedTuple):
 
 def als_factorize(q: torch.Tensor, k: torch.Tensor, k_rec: torch.Tensor, rank: int, iters: int, tol: float,
                   generator: torch.Generator) -> Factors:
-    """Spec §1 ALS (lambda = 1, Gauss-Seidel) for N independent problems with h query heads sharing A_K:
+    """docs/lrqk.md §1 ALS (lambda = 1, Gauss-Seidel) for N independent problems with h query heads sharing A_K:
 
         min sum_h 1/2 ||Q_h K_h^T - A_Qh A_K^T||^2 + 1/2 ||Q_h - A_Qh B_Qh||^2 + 1/2 ||K_rec - A_K B_K||^2
 
@@ -71,7 +71,7 @@ def als_objective(q: torch.Tensor, k: torch.Tensor, k_rec: torch.Tensor, f: Fact
 
 def decode_solve(q: torch.Tensor, s_self: torch.Tensor, k_rec: torch.Tensor, s_omega: torch.Tensor,
                  a_omega: torch.Tensor, b_q: torch.Tensor, b_k: torch.Tensor, iters: int, tol: float):
-    """Spec §2 step 2 with h heads sharing k̂ (lambda1 = lambda2 = 1). q (N, h, D); s_self (N, h) = q_h . k_h,t;
+    """docs/lrqk.md §2 step 2 with h heads sharing k̂ (lambda1 = lambda2 = 1). q (N, h, D); s_self (N, h) = q_h . k_h,t;
     k_rec (N, D); s_omega (N, h, C) exact scores on resident tokens, a_omega (N, C, r) their A_K rows (zero rows
     for empty slots). Returns q̂ (N, h, r), k̂ (N, r)."""
     k_hat = _solve_right((k_rec[:, None] @ b_k.mT), b_k @ b_k.mT)  # (N, 1, r)
@@ -93,7 +93,7 @@ def decode_solve(q: torch.Tensor, s_self: torch.Tensor, k_rec: torch.Tensor, s_o
 
 
 def kaczmarz(b: torch.Tensor, x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Exact line-search step on 1/2||x̂ B - x||^2 (spec §2 step 3): afterwards x̂ B = x exactly.
+    """Exact line-search step on 1/2||x̂ B - x||^2 (docs/lrqk.md §2 step 3): afterwards x̂ B = x exactly.
     b (..., r, D), x_hat (..., r), target (..., D)."""
     resid = (x_hat[..., None, :] @ b)[..., 0, :] - target
     norm = x_hat.square().sum(-1).clamp_min(torch.finfo(x_hat.dtype).tiny)

@@ -1,4 +1,4 @@
-"""What the hybrid cache holds, computed without allocating (spec lrqk.md §3): the host row store, the bounded
+"""What the hybrid cache holds, computed without allocating (docs/lrqk.md §3): the host row store, the bounded
 GPU pool and maps, and each selection policy's own GPU state; plus the check that a plan fits free memory."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def geometry(m: ModelConfig, cfg: LRQKConfig, batch: int) -> dict:
     layout = cache_layout(m)
     store = batch * layout.streams
     rows = dict(store=store, row=layout.row, key_width=layout.key_width)
-    if layout.key_heads > 1:  # every head's key rebuilt from one row (lrkv): one selection per row (spec §7)
+    if layout.key_heads > 1:  # every head's key rebuilt from one row (lrkv): one selection per row (docs/lrqk.md §7)
         shared = cfg.proxy == "shared"
         return dict(rows, pool=store, key_heads=layout.key_heads, proxies=store if shared else store * layout.key_heads,
                     heads=layout.key_heads if shared else 1)

@@ -5,7 +5,7 @@ slot pool, hit/miss accounting, exact attention over the selected rows, and memo
 A policy scores candidate tokens per pool stream and head: scores (S, m, L), where a pool stream is one query head
 of a GQA/MHA model (m = 1, as in LRQK's reference) or one batch row of an LRKV model (m = H heads sharing one token
 set); `select_top_k` takes max_h (s_h - max s_h) over the candidates, the same aggregation for every policy.
-Definitions and the budget convention: ../shared/specs/peers.md.
+Definitions and the budget convention: docs/peers.md §1-2.
 
     lrqk       Li et al. 2025 (arXiv 2510.23649): rank-r proxy q̂ . A_K[j], factors fitted by ALS at prefill and
                updated per token (lowrank.py).
@@ -36,7 +36,7 @@ from lrkv.inference.lrqk.plan import QUEST_PAGE
 
 def select_top_k(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scores (S, m, L) per head, candidate (S, L) bool -> ids (S, k'), ok (S, k') of the top-k tokens by
-    max_h (s_h(j) - max_j' s_h(j')) over candidates (spec §7; with m = 1 plain per-head top-k)."""
+    max_h (s_h(j) - max_j' s_h(j')) over candidates (docs/lrqk.md §7; with m = 1 plain per-head top-k)."""
     neg = torch.finfo(scores.dtype).min
     s = scores.masked_fill(~candidate[:, None], neg)
     s = (s - s.amax(-1, keepdim=True)).amax(1).masked_fill(~candidate, float("-inf"))
@@ -223,7 +223,7 @@ class Loki(Policy):
 
 
 class LRQK(Policy):
-    """Spec lrqk.md §1-2 (§7 for LRKV's shared proxy): A_K (proxies, L, r) in the model dtype, B_Q, B_K fp32."""
+    """docs/lrqk.md §1-2 (§7 for LRKV's shared proxy): A_K (proxies, L, r) in the model dtype, B_Q, B_K fp32."""
 
     def __init__(self, layer, capacity):
         super().__init__(layer, capacity)
@@ -266,7 +266,7 @@ class LRQK(Policy):
         return torch.stack(scores, 1).reshape(lay.geo["pool"], -1, T)
 
     def step(self, q, k_t, kv, t):
-        # spec §2: self score q_h . k_h,t, exact scores on the resident set Omega, q̂/k̂ solve, Kaczmarz updates of
+        # docs/lrqk.md §2: self score q_h . k_h,t, exact scores on the resident set Omega, q̂/k̂ solve, Kaczmarz updates of
         # B_Q, B_K, and k̂ as the new A_K row
         lay, cfg = self.layer, self.cfg
         B, H, _, D = q.shape
@@ -296,7 +296,7 @@ class LRQK(Policy):
 
 
 def _spans_keys(layer) -> bool:
-    """One A_K for several heads that have their own keys (lrkv's shared proxy, spec §7 P1): it reconstructs the
+    """One A_K for several heads that have their own keys (lrkv's shared proxy, docs/lrqk.md §7 P1): it reconstructs the
     key they share (the module's shared_key), not one head's."""
     return layer.geo["heads"] > 1 and layer.geo["key_heads"] > 1
 
