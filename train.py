@@ -54,7 +54,7 @@ from lrkv.checkpoint import (LAST, AtomicCheckpointIO, DamagedCheckpointError, R
 from lrkv.config import Config
 from lrkv.data import DataError, LMData
 from lrkv.export import export_checkpoint, load_export, save_export
-from lrkv.inference.generate import Generator
+from lrkv.inference.generator import Generator
 from lrkv.lit import CheckpointMismatchError, LitLM
 from lrkv.strategy import trainer_kwargs
 from lrkv.tokenizer import TokenizerError, eos_id

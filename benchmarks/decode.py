@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from lrkv.config import ModelConfig, load_config  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.full import FullDecoder  # noqa: E402
-from lrkv.inference.generate import DTYPES  # noqa: E402
+from lrkv.inference.generator import DTYPES  # noqa: E402
 from lrkv.inference.lrqk import PRESETS, LRQKConfig, LRQKDecoder, MemoryPlanError  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 

@@ -58,7 +58,7 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
 
 import torch  # noqa: E402
 
-from lrkv.inference.generate import DTYPES, Generator, Sampling  # noqa: E402
+from lrkv.inference.generator import DTYPES, Generator, Sampling  # noqa: E402
 from lrkv.inference.lrqk import PRESETS, LRQKConfig, MemoryPlanError, check_fits  # noqa: E402
 
 

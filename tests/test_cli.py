@@ -91,7 +91,7 @@ def code_choices() -> dict[str, list[str]]:
     from eval.common import VARIANTS
     from eval.long_context import TASKS
     from lrkv.convert_hf import DTYPES as CONVERT_DTYPES
-    from lrkv.inference.generate import CACHE_MODES, DTYPES
+    from lrkv.inference.generator import CACHE_MODES, DTYPES
     from lrkv.inference.lrqk import POLICIES, PRESETS, LRQKConfig
     from lrkv.kernels.lrkv_attn import SMEM_LIMIT
 

@@ -1,4 +1,4 @@
-"""Generation over export folders (lrkv.inference.generate, python -m lrkv.generate): tiny random models saved
+"""Generation over export folders (lrkv.inference.generator, python -m lrkv.generate): tiny random models saved
 with save_export plus a byte-level BPE trained here, checked against independent full-forward loops."""
 
 import json
@@ -13,7 +13,7 @@ import torch
 from lrkv.config import ModelConfig, validate_model
 from lrkv.export import save_export
 from lrkv.generate import lrqk_config, main, parse_args
-from lrkv.inference.generate import GenerateError, Generator, Sampling, _settled, filter_logits, next_tokens
+from lrkv.inference.generator import GenerateError, Generator, Sampling, _settled, filter_logits, next_tokens
 from lrkv.inference.lrqk import LRQKConfig
 from lrkv.model import Transformer
 from lrkv.tokenizer import EOS, train_tokenizer

@@ -9,7 +9,7 @@ import torch
 from lrkv.config import ModelConfig
 from lrkv.export import save_export
 from lrkv.generate import main
-from lrkv.inference.generate import ContextLengthWarning, GenerateError, Generator
+from lrkv.inference.generator import ContextLengthWarning, GenerateError, Generator
 from lrkv.inference.lrqk import LRQKConfig
 from lrkv.model import Transformer
 from lrkv.tokenizer import train_tokenizer
