@@ -195,7 +195,8 @@ def lrkv_decode_attention(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, key_valid: 
     b_k (H, r_k, D), b_v (H, r_v, D); cos, sin (Tk, D/2) for key positions 0..Tk-1; key_valid (B, Tk) bool
     (False = left padding). Returns o (B, H, Tq, D) in q's dtype. The context is split into tiles of block_n
     (default_block_n(D) when None).
-    Shape errors name the argument as the docs/lrkv.md §10 contract does, i.e. z_k / z_v as their (B, H, T, r) transposes.
+    Shape errors name the argument as the docs/lrkv.md §10 contract does, i.e. z_k / z_v as their (B, H, T, r)
+    transposes.
     """
     check_lrkv_inputs(q, k_s, v_s, z_k.transpose(1, 2), z_v.transpose(1, 2), b_k, b_v, cos, sin)
     B, Tk = k_s.shape[:2]

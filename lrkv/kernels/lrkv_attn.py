@@ -49,7 +49,7 @@ from lrkv.kernels.triton_util import FUSED_HEAD_DIMS, INTERPRET, LOG2E, alignmen
 DTYPES = (torch.float32,) if INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
 _warned: set[str] = set()  # reference fallbacks already reported
 POISON_OUTPUTS = False  # tests: outputs start as NaN so elements a kernel forgets to write show up
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # per-block opt-in maximum, by compute capability
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # per-block opt-in maximum, by arch
 
 
 # (BM, BN, num_warps, num_stages) per kernel and target family, chosen from ptxas reports at D 128, r 64/48, bf16
