@@ -29,9 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config  # noqa: E402
+
 K = 1024
-# the parser is built before torch is imported, so these mirror lrkv.inference (tests/test_cli.py checks they agree)
-DTYPE_NAMES, LRQK_PRESETS = ("bf16", "fp32"), ("accuracy", "memory", "paper")
+# the parser is built before torch is imported, so this mirrors lrkv.inference (tests/test_cli.py checks they agree)
+DTYPE_NAMES = ("bf16", "fp32")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,14 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--steps", type=int, help="timed decode steps (default 16 cpu, 32 cuda)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones (default 2)")
-    p.add_argument("--lrqk-preset", choices=LRQK_PRESETS, help="rank/top-k/recent; flags below override")
-    p.add_argument("--rank", type=int, help="LRQK rank (default head_dim / 4: the paper's 32 at head_dim 128)")
-    p.add_argument("--top-k", type=int, help="LRQK top-k (default 256 cpu, 2048 cuda)")
-    p.add_argument("--recent", type=int, help="LRQK recent window (default 64)")
-    p.add_argument("--sinks", type=int, default=0, help="LRQK: first tokens always attended (default 0)")
-    p.add_argument("--policies", default="lrqk", help="comma list of LRQK selection policies to time (lrqk, exact, "
-                                                      "streaming, h2o, quest, loki)")
-    p.add_argument("--proxy", default="shared", help="LRQKConfig.proxy: shared (lrkv) / per query head, or group")
+    add_lrqk_args(p, {"rank": None, "top_k": None, "recent": None, "sinks": 0, "policy": "lrqk", "proxy": "shared"},
+                  sweep=("policy",), preset=True, unset={"rank": "head_dim / 4: the paper's 32 at head_dim 128",
+                                                         "top_k": "256 cpu, 2048 cuda"})
     p.add_argument("--transformers", help="with --hf-export: also time this HF folder or .gguf in transformers")
     p.add_argument("--split", action="store_true",
                    help="also profile --steps more LRQK steps and print where a layer-step's time goes (proxy "
@@ -71,13 +70,11 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
 from lrkv.config import ModelConfig, load_config  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.full import FullDecoder  # noqa: E402
 from lrkv.inference.generator import DTYPES  # noqa: E402
-from lrkv.inference.lrqk import PRESETS, LRQKConfig, LRQKDecoder, MemoryPlanError  # noqa: E402
+from lrkv.inference.lrqk import LRQKDecoder, MemoryPlanError  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
 
@@ -99,13 +96,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     default_contexts = [32, 64, 128] if args.hf_export else [4, 8, 16, 32, 64, 128] if gpu else [1, 2, 4, 8]
     args.contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [c * K for c in default_contexts]
     return args
-
-
-def lrqk_config(args: argparse.Namespace, head_dim: int) -> LRQKConfig:
-    rank, top_k, recent = PRESETS[args.lrqk_preset] if args.lrqk_preset else (
-        max(head_dim // 4, 1), 2048 if args.device == "cuda" else 256, 64)
-    return LRQKConfig(rank=args.rank or rank, top_k=args.top_k or top_k, recent=args.recent or recent,
-                      sinks=args.sinks, proxy=args.proxy)
 
 
 def random_model(cfg: ModelConfig, args: argparse.Namespace) -> Transformer:
@@ -309,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.hf_export:
         hf = open_export(args.hf_export).model(args.device, args.dtype)
-        models = [("hf", hf, "full")] + [("hf", hf, policy) for policy in args.policies.split(",")]
+        models = [("hf", hf, "full")] + [("hf", hf, policy) for policy in args.policies]
         if args.transformers:
             models.insert(0, ("transformers", load_transformers(args.transformers, args), "transformers"))
         cfgs = {f"hf ({args.hf_export})": (hf.cfg, hf)}
@@ -318,17 +308,18 @@ def main(argv: list[str] | None = None) -> None:
         lrkv_cfg = dataclasses.replace(load_config(name).model, lrkv_b_init="normal")
         mha_cfg = dataclasses.replace(lrkv_cfg, attn="mha", n_kv_head=None)
         mha, lrkv = random_model(mha_cfg, args), random_model(lrkv_cfg, args)
-        models = [("MHA", mha, "full"), ("LRKV", lrkv, "full")] + [("LRKV", lrkv, p) for p in args.policies.split(",")]
+        models = [("MHA", mha, "full"), ("LRKV", lrkv, "full")] + [("LRKV", lrkv, p) for p in args.policies]
         cfgs = {"MHA": (mha_cfg, mha), f"LRKV ({name})": (lrkv_cfg, lrkv)}
     head_dim = next(iter(cfgs.values()))[0].dh
-    lrqk = lrqk_config(args, head_dim)
+    # without a preset: the paper's rank at head_dim 128 scaled to this head_dim, and a top-k per device
+    lrqk = lrqk_config(args, LRQKConfig(rank=max(head_dim // 4, 1), top_k=2048 if args.device == "cuda" else 256))
     print(f"decode benchmark on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
           f"dtype {str(args.dtype).removeprefix('torch.')}, batch {args.batch}, {args.warmup} warmup + "
           f"{args.steps} timed decode steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for label, (cfg, model) in cfgs.items():
         print(describe(label, cfg, model, args))
     print(f"  LRQK: rank {lrqk.rank}, top-k {lrqk.top_k}, recent {lrqk.recent}, sinks {lrqk.sinks}, proxy "
-          f"{lrqk.proxy} (shared: per layer for lrkv, per query head for mha-gqa), policies {args.policies}, "
+          f"{lrqk.proxy} (shared: per layer for lrkv, per query head for mha-gqa), policies {','.join(args.policies)}, "
           f"iters {lrqk.prefill_iters}/{lrqk.decode_iters}, "
           f"offloaded row store{' (pinned)' if args.device == 'cuda' else ''}")
     vocab = next(iter(cfgs.values()))[0].vocab_size

@@ -51,6 +51,7 @@ import torch  # noqa: E402
 from eval import head_diversity, kv_memory, long_context, lrqk_agreement, perplexity  # noqa: E402
 from eval.common import cli, markdown_table  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
+from lrkv.inference.lrqk import LRQKConfig  # noqa: E402
 
 LRQK_ATTN = ("mha", "gqa", "mqa", "lrkv")  # LRQKDecoder has no MLA path
 SUITES = {
@@ -84,19 +85,20 @@ def run(export: str, suite: str, source: str, context: int, out: Path) -> str:
               "\n![heads](head_diversity.png)\n"]
 
     lrqk_ok = m.attn in LRQK_ATTN
-    lrqk = {"rank": min(8, m.dh), "top_k": m.max_seq_len // 8, "recent": 16, "sinks": 4}
+    lrqk = LRQKConfig(rank=min(8, m.dh), top_k=m.max_seq_len // 8, recent=16, sinks=4)
     lengths = [f * m.max_seq_len for f in s["lengths"]]
     tasks = [t for t in s["tasks"] if fits(t, tok, min(lengths))]
     rows = long_context.evaluate(model, tok, tasks, lengths, s["n"], ["full", "lrqk"] if lrqk_ok else ["full"],
                                  lrqk, [0.1, 0.3, 0.5, 0.7, 0.9])
     skipped = sorted(set(s["tasks"]) - set(tasks))
-    parts += [f"\n## Long-context retrieval (LRQK {lrqk if lrqk_ok else 'n/a for ' + m.attn})\n\n", markdown_table(rows),
+    settings = lrqk.summary() if lrqk_ok else f"n/a for {m.attn}"
+    parts += [f"\n## Long-context retrieval (LRQK {settings})\n\n", markdown_table(rows),
               f"\nSkipped (prompt does not fit {min(lengths)} tokens): {skipped}\n" if skipped else ""]
 
     if lrqk_ok:
         prefix, steps = 3 * m.max_seq_len // 4, m.max_seq_len // 4
         windows = lrqk_agreement.text_windows(export, s["prompts"], prefix + steps, source, "val")
-        agree = lrqk_agreement.sweep(model, windows, prefix, s["ranks"], s["top_ks"], lrqk["recent"], lrqk["sinks"])
+        agree = lrqk_agreement.sweep(model, windows, prefix, lrqk, s["ranks"], s["top_ks"])
         lrqk_agreement.plot(agree, out / "lrqk_agreement.png", prefix)
         parts += [f"\n## LRQK vs full ({s['prompts']} prompts, {prefix} prefill + {steps} teacher-forced steps)\n\n",
                   markdown_table(agree), "\n![lrqk](lrqk_agreement.png)\n"]

@@ -22,6 +22,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config
+
 
 def parser() -> argparse.ArgumentParser:
     """The command line; needs no heavy import, so --help answers before torch is loaded."""
@@ -34,10 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="text windows, one prompt each (default %(default)s)")
     p.add_argument("--prefix", type=int, default=192, help="prefilled tokens per prompt (default %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps per prompt (default %(default)s)")
-    p.add_argument("--ranks", default="4,8,16", help="comma-separated LRQK ranks r swept (default %(default)s)")
-    p.add_argument("--top-ks", default="16,32,64", help="comma-separated top-k budgets swept (default %(default)s)")
-    p.add_argument("--recent", type=int, default=16, help="recent window, always attended (default %(default)s)")
-    p.add_argument("--sinks", type=int, default=4, help="first tokens always attended (default %(default)s)")
+    add_lrqk_args(p, {"rank": "4,8,16", "top_k": "16,32,64", "recent": 16, "sinks": 4}, sweep=("rank", "top_k"))
     p.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
     p.add_argument("--out", default="reports/lrqk_agreement",
                    help="folder for lrqk_agreement.md and .png (default %(default)s)")
@@ -55,7 +54,7 @@ from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from eval.perplexity import source_tokens  # noqa: E402
 from lrkv.export import load_export, open_export  # noqa: E402
 from lrkv.inference.full import FullDecoder  # noqa: E402
-from lrkv.inference.lrqk import DecodeStep, LRQKConfig, LRQKDecoder  # noqa: E402
+from lrkv.inference.lrqk import DecodeStep, LRQKDecoder  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
 
@@ -100,12 +99,13 @@ def agreement(model: Transformer, windows: list[torch.Tensor], prefix: int, cfg:
             "agree": float(np.mean(agree)), "per_layer": per_layer}
 
 
-def sweep(model: Transformer, windows: list[torch.Tensor], prefix: int, ranks: list[int], top_ks: list[int],
-          recent: int, sinks: int) -> list[dict]:
+def sweep(model: Transformer, windows: list[torch.Tensor], prefix: int, base: LRQKConfig, ranks: list[int],
+          top_ks: list[int]) -> list[dict]:
+    """One row per (rank, top_k) of `base`."""
     rows = []
     for r in ranks:
         for k in top_ks:
-            res = agreement(model, windows, prefix, LRQKConfig(rank=r, top_k=k, recent=recent, sinks=sinks))
+            res = agreement(model, windows, prefix, dataclasses.replace(base, rank=r, top_k=k))
             row = {"rank": r, "top_k": k, **{m: res[m] for m in ("recall", "mass", "rel_err", "kl", "agree")}}
             row |= {f"{m} by layer": " ".join(f"{x:.3f}" for x in res["per_layer"][m]) for m in res["per_layer"]}
             rows.append(row)
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     model = load_export(args.export)
     windows = text_windows(args.export, args.prompts, args.prefix + args.steps, args.source, args.split)
-    rows = sweep(model, windows, args.prefix, [int(x) for x in args.ranks.split(",")],
-                 [int(x) for x in args.top_ks.split(",")], args.recent, args.sinks)
+    rows = sweep(model, windows, args.prefix, lrqk_config(args), args.ranks, args.top_ks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)

@@ -32,6 +32,8 @@ import json
 import time
 from pathlib import Path
 
+from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config
+
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
 # RULER's tokens_to_generate per task; the decode stops earlier at EOS or once every answer could have been written
 GEN_CAP = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128, "vt": 30,
@@ -51,9 +53,7 @@ def parser() -> argparse.ArgumentParser:
                     help="comma list: full or a policy (lrqk exact_topk quest loki h2o streaming), each with optional "
                          ":key=value overrides (budget or an LRQKConfig field), e.g. lrqk:rank=8")
     ap.add_argument("--budget", type=int, default=256, help="rows attended per step and stream: sinks+recent+top_k")
-    ap.add_argument("--recent", type=int, default=32, help="recent window inside the budget")
-    ap.add_argument("--sinks", type=int, default=4, help="first tokens inside the budget")
-    ap.add_argument("--rank", type=int, default=32, help="LRQK rank; Loki's PCA rank")
+    add_lrqk_args(ap, {"recent": 32, "sinks": 4, "rank": 32})  # top_k: what the budget leaves
     ap.add_argument("--n", type=int, default=5, help="items per task and length")
     ap.add_argument("--seed", type=int, default=0, help="item i is generated from seed + i (default %(default)s)")
     ap.add_argument("--start", type=int, default=0, help="first item index (to finish an interrupted run: items "
@@ -75,12 +75,13 @@ import torch  # noqa: E402
 from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from eval.long_context import answer_budget, corpus_speeches, encode, make_item, string_match_all  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
-from lrkv.inference.lrqk import Lockstep, LRQKConfig, LRQKDecoder, memory_plan  # noqa: E402
+from lrkv.inference.lrqk import Lockstep, LRQKDecoder, memory_plan  # noqa: E402
 from lrkv.inference.lrqk.plan import geometry  # noqa: E402
 
 
-def parse_method(spec: str, budget: int, base: dict) -> tuple[str, LRQKConfig | None]:
-    """'full' -> None; 'quest' / 'lrqk:rank=8:budget=64' -> an LRQKConfig with top_k = budget - recent - sinks."""
+def parse_method(spec: str, budget: int, base: LRQKConfig) -> tuple[str, LRQKConfig | None]:
+    """'full' -> None; 'quest' / 'lrqk:rank=8:budget=64' -> `base` with that policy, the overrides and, unless one
+    sets it, top_k = budget - recent - sinks."""
     name, *overrides = spec.split(":")
     if name == "full":
         if overrides:
@@ -89,7 +90,7 @@ def parse_method(spec: str, budget: int, base: dict) -> tuple[str, LRQKConfig | 
     if name not in METHOD_POLICY:
         raise ValueError(f"unknown method '{name}' in '{spec}', expected full or one of {sorted(METHOD_POLICY)}")
     fields = {f.name: f.type for f in dataclasses.fields(LRQKConfig)}
-    settings, b = dict(base), budget
+    settings, b = {}, budget
     for o in overrides:
         key, sep, value = o.partition("=")
         if not sep or (key not in fields and key != "budget"):
@@ -100,12 +101,11 @@ def parse_method(spec: str, budget: int, base: dict) -> tuple[str, LRQKConfig | 
             kind = str(fields[key])
             settings[key] = (int(value) if kind.startswith("int") else float(value) if kind == "float"
                              else value.lower() in ("1", "true") if kind == "bool" else value)
-    top_k = b - settings["recent"] - settings["sinks"]
+    cfg = dataclasses.replace(base, policy=METHOD_POLICY[name], **settings)
+    top_k = b - cfg.recent - cfg.sinks
     if top_k < 1:
-        raise ValueError(f"method '{spec}': budget {b} leaves no top-k after recent {settings['recent']} + sinks "
-                         f"{settings['sinks']}")
-    settings.setdefault("top_k", top_k)
-    return spec, LRQKConfig(policy=METHOD_POLICY[name], **settings)
+        raise ValueError(f"method '{spec}': budget {b} leaves no top-k after recent {cfg.recent} + sinks {cfg.sinks}")
+    return spec, cfg if "top_k" in settings else dataclasses.replace(cfg, top_k=top_k)
 
 
 def run_item(base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, methods, eos: set[int]) -> dict:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error("--export is required (unless --report-only)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = {"rank": args.rank, "recent": args.recent, "sinks": args.sinks, "measure_recall": args.recall}
+    base = lrqk_config(args, LRQKConfig(measure_recall=args.recall))
     specs = [s for s in args.methods.split(",") if s]
     methods = [parse_method(s, args.budget, base) for s in specs]
     tasks = args.tasks.split(",")

@@ -11,11 +11,11 @@ import argparse
 import sys
 import warnings
 
-LRQK_FLAGS = ("rank", "top_k", "recent", "sinks", "policy", "lrqk_preset", "sparse_query_tail")
+from lrkv.inference.lrqk.config import add_lrqk_args, lrqk_config
+
+LRQK_FIELDS = ("rank", "top_k", "recent", "sinks", "policy", "sparse_query_tail")  # the flags --cache lrqk takes
 # the parser is built before torch is imported, so these mirror lrkv.inference (tests/test_cli.py checks they agree)
 CACHE_MODES, DTYPE_NAMES = ("full", "lrqk"), ("bf16", "fp32")
-LRQK_PRESETS = ("accuracy", "memory", "paper")
-LRQK_POLICIES = ("lrqk", "exact", "streaming", "h2o", "quest", "loki")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,15 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=CACHE_MODES, default="full",
                    help="full: the model's own KV cache (default); lrqk: the LRQK hybrid GPU-CPU decoder")
     lrqk = p.add_argument_group("lrqk cache (only with --cache lrqk; explicit flags override the preset)")
-    lrqk.add_argument("--lrqk-preset", choices=LRQK_PRESETS, help="rank/top-k/recent as in the LRQK paper")
-    lrqk.add_argument("--rank", type=int, help="proxy rank r (default 32)")
-    lrqk.add_argument("--top-k", type=int, help="selected tokens per step (default: from the prompt length, 256 up to "
-                                                 "4K tokens, 1024 up to 16K, 2048 beyond)")
-    lrqk.add_argument("--recent", type=int, help="recent window W, always attended (default 64)")
-    lrqk.add_argument("--sinks", type=int, help="first tokens always attended (default 0)")
-    lrqk.add_argument("--policy", choices=LRQK_POLICIES,
-                      help="which tokens fill top-k: LRQK's proxy (default) or a peer")
-    lrqk.add_argument("--sparse-query-tail", type=int, help="feed the last N prompt tokens through sparse decode")
+    add_lrqk_args(lrqk, dict.fromkeys(LRQK_FIELDS), preset=True)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens whose "
@@ -59,14 +51,14 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
 import torch  # noqa: E402
 
 from lrkv.inference.generator import DTYPES, Generator, Sampling  # noqa: E402
-from lrkv.inference.lrqk import PRESETS, LRQKConfig, MemoryPlanError, check_fits  # noqa: E402
+from lrkv.inference.lrqk import MemoryPlanError, check_fits  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
     if args.cache == "full":
-        given = [f"--{f.replace('_', '-')}" for f in LRQK_FLAGS if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in ("lrqk_preset", *LRQK_FIELDS) if getattr(args, f) is not None]
         if given:
             p.error(f"{', '.join(given)} only apply to --cache lrqk")
     if args.stream and len(args.prompt) > 1:
@@ -74,16 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available on this machine")
     return args
-
-
-def lrqk_config(args: argparse.Namespace) -> LRQKConfig:
-    cfg = LRQKConfig()
-    if args.lrqk_preset:
-        cfg.rank, cfg.top_k, cfg.recent = PRESETS[args.lrqk_preset]
-    for name in ("rank", "top_k", "recent", "sinks", "policy", "sparse_query_tail"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    return cfg
 
 
 def _bytes(n: float) -> str:
@@ -105,8 +87,7 @@ def print_stats(gen: Generator) -> None:
           f"{t['decode_s']:.3f} s ({_rate(t['decode_tokens'], t['decode_s'])})", file=sys.stderr)
     if gen.cache == "lrqk":
         c = gen.decoder.cfg  # resolved for this prompt
-        print(f"[stats] lrqk settings: policy {c.policy}, rank {c.rank}, top-k {c.top_k}, recent {c.recent}, sinks "
-              f"{c.sinks}, proxy {c.proxy}", file=sys.stderr)
+        print(f"[stats] lrqk settings: {c.summary()}", file=sys.stderr)
     steps = max(st["steps"], 1)
     hit_rate = f"{100 * st['hits'] / st['selections']:.1f}%" if st["selections"] else "n/a"
     print(f"[stats] hit rate {hit_rate} (hits {st['hits']}, misses {st['misses']}, selections {st['selections']}); "

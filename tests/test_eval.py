@@ -318,7 +318,7 @@ def test_long_context_harness_lrqk_matches_full_when_nothing_is_dropped(tok):
     torch.manual_seed(0)
     model = Transformer(tiny("lrkv", max_seq_len=256)).eval()
     rows = evaluate(model, tok, ["passkey"], [200], 2, ["full", "lrqk"],
-                    {"rank": 4, "top_k": 256, "recent": 4, "sinks": 0}, [0.5])
+                    LRQKConfig(rank=4, top_k=256, recent=4, sinks=0), [0.5])
     assert [r["cache"] for r in rows] == ["full", "lrqk"]
     assert rows[1]["same as full %"] == 100.0 and 0.0 <= rows[0]["score"] <= 100.0
 
@@ -329,7 +329,7 @@ def test_long_context_harness_lrqk_matches_full_when_nothing_is_dropped(tok):
 def test_ruler_method_specs_share_one_budget():
     from eval.ruler import parse_method
 
-    base = {"rank": 32, "recent": 32, "sinks": 4}
+    base = LRQKConfig(rank=32, recent=32, sinks=4)
     assert parse_method("full", 256, base) == ("full", None)
     label, cfg = parse_method("lrqk:rank=8:budget=64", 256, base)
     assert (cfg.policy, cfg.rank, cfg.top_k, cfg.recent + cfg.sinks + cfg.top_k) == ("lrqk", 8, 28, 64)
@@ -346,7 +346,7 @@ def test_ruler_every_method_equals_full_when_the_budget_covers_the_prompt(tok):
 
     torch.manual_seed(0)
     model = Transformer(tiny("gqa", max_seq_len=512)).eval()
-    base = {"rank": 4, "recent": 8, "sinks": 2}
+    base = LRQKConfig(rank=4, recent=8, sinks=2)
     specs = ["full", "lrqk", "exact_topk", "quest", "loki", "h2o", "streaming"]
     wide = [parse_method(m, 1024, base) for m in specs]
     quiet = {"eos": set(), "log": lambda *a, **k: None}
@@ -368,7 +368,7 @@ def test_ruler_methods_that_stop_leave_the_batch_without_changing_the_others(tok
 
     torch.manual_seed(0)
     model = Transformer(tiny("gqa", max_seq_len=512)).eval()
-    methods = [parse_method(m, 24, {"rank": 4, "recent": 8, "sinks": 2}) for m in ("full", "lrqk", "streaming", "h2o")]
+    methods = [parse_method(m, 24, LRQKConfig(rank=4, recent=8, sinks=2)) for m in ("full", "lrqk", "streaming", "h2o")]
     ctx, question = list(range(5, 205)), [7, 8, 9]
 
     def run(ms, eos):

@@ -1,8 +1,11 @@
 """LRQK decoder settings: the budget (sinks + recent + top_k rows attended per step and stream), the selection
-policy that picks the top_k, and the low-rank proxy's knobs (spec lrqk.md §4)."""
+policy that picks the top_k, and the low-rank proxy's knobs (spec lrqk.md §4); and the one way a command line
+exposes them (add_lrqk_args, lrqk_config). Imports no torch: parsers use it before --help is answered."""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
 PRESETS = {"paper": (32, 2048, 64), "memory": (16, 1024, 32), "accuracy": (64, 4096, 128)}  # rank, top_k, recent
@@ -69,3 +72,66 @@ class LRQKConfig:
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"LRQKConfig: {message}")
+
+    def summary(self) -> str:
+        """One line for logs and report titles."""
+        return (f"policy {self.policy}, rank {self.rank}, top-k {self.top_k}, recent {self.recent}, "
+                f"sinks {self.sinks}, proxy {self.proxy}")
+
+
+# ---------------------------------------------------------------------------------------------------- command lines
+# the LRQKConfig fields a command line may expose: (type, --help text; the default is appended)
+FLAGS: dict[str, tuple[type, str]] = {
+    "rank": (int, "Loki's PCA rank and LRQK's proxy rank r"),
+    "top_k": (int, "selected tokens per step and stream"),
+    "recent": (int, "recent window W, always attended"),
+    "sinks": (int, "first tokens always attended"),
+    "policy": (str, f"which tokens fill top-k: LRQK's proxy or a peer ({', '.join(POLICIES)})"),
+    "proxy": (str, "shared (lrkv: per layer; mha/gqa: per query head), per_head, or group (one per KV head)"),
+    "sparse_query_tail": (int, "feed the last N prompt tokens through sparse decode"),
+}
+# what LRQKConfig's None default means
+UNSET = {"top_k": "chosen from the prompt length: 256 up to 4K tokens, 1024 up to 16K, 2048 beyond"}
+
+
+def _comma_list(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [kind(x) for x in text.split(",") if x]
+
+    parse.__name__ = f"comma-separated {kind.__name__}"  # argparse names it in "invalid ... value"
+    return parse
+
+
+def add_lrqk_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: Mapping[str, object],
+                  sweep: Collection[str] = (), preset: bool = False, unset: Mapping[str, str] | None = None) -> None:
+    """Add a flag per LRQKConfig field in `defaults` (a key of FLAGS), in its order, with this entry point's default.
+    A default of None leaves the flag unset: lrqk_config then keeps the preset's or the base config's value, and
+    --help says what that is (`unset`, else LRQKConfig's default). A field in `sweep` takes a comma list under a
+    plural flag (--ranks, --top-ks, --policies) that the command iterates; lrqk_config skips it. preset: add
+    --lrqk-preset first; rank, top_k and recent then need the None default, or the preset could never apply."""
+    if preset:
+        assert all(defaults.get(f) is None for f in ("rank", "top_k", "recent")), "a preset needs unset defaults"
+        values = "; ".join(f"{name} {'/'.join(map(str, v))}" for name, v in sorted(PRESETS.items()))
+        parser.add_argument("--lrqk-preset", choices=sorted(PRESETS),
+                            help=f"rank/top-k/recent: {values} (explicit flags override it)")
+    said = {**UNSET, **(unset or {})}
+    for field, default in defaults.items():
+        kind, text = FLAGS[field]
+        if field in sweep:
+            plural = "policies" if field == "policy" else f"{field}s"
+            parser.add_argument(f"--{plural.replace('_', '-')}", default=default, type=_comma_list(kind),
+                                help=f"{text}, a comma list swept (default %(default)s)")
+            continue
+        note = "%(default)s" if default is not None else said.get(field, str(getattr(LRQKConfig, field)))
+        parser.add_argument(f"--{field.replace('_', '-')}", default=default, type=kind,
+                            choices=POLICIES if field == "policy" else None, help=f"{text} (default {note})")
+    parser.set_defaults(lrqk_flags=tuple(f for f in defaults if f not in sweep))
+
+
+def lrqk_config(args: argparse.Namespace, base: LRQKConfig | None = None) -> LRQKConfig:
+    """The LRQKConfig that add_lrqk_args' flags describe: --lrqk-preset through LRQKConfig.preset(), else `base` (the
+    entry point's settings without a preset; default LRQKConfig()), and every flag given overrides either. Swept
+    fields keep the base value. Validated where the model is known (the decoder: config.py's messages)."""
+    given = {f: getattr(args, f) for f in args.lrqk_flags if getattr(args, f) is not None}
+    name = getattr(args, "lrqk_preset", None)
+    return LRQKConfig.preset(name, **given) if name else replace(base or LRQKConfig(), **given)
