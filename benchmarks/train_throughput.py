@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--config lrkv_debug.yaml] [--steps 20] [--warmup 5] [--section.key=value ...]
 
-Times full optimizer steps (forward, backward, clip, AdamW) of the LightningModule's model and optimizer on
+Times full optimizer steps (forward, backward, clip, AdamW) of train.py's model and optimizer (lrkv/optim.py) on
 random tokens (speed does not depend on the data), bf16 autocast on CUDA and fp32 on CPU. The first `--warmup`
 steps (allocator, autotuning) are not timed; tokens/s comes from the median step time.
 """
@@ -44,17 +44,16 @@ if __name__ == "__main__":  # --help and config errors are answered here, before
 import torch  # noqa: E402
 
 from lrkv.callbacks import peak_flops  # noqa: E402
-from lrkv.lit import LitLM  # noqa: E402
+from lrkv.model import Transformer  # noqa: E402
+from lrkv.optim import make_optimizer  # noqa: E402
 
 
 def make_step(cfg: Config, device: torch.device):
     """A closure running one optimizer step of the training setup on a fixed random batch, and its model."""
     torch.manual_seed(cfg.train.seed)
-    lit = LitLM(cfg)
-    lit.configure_model()
-    lit.to(device)
-    model = lit.model
-    opt = lit.configure_optimizers()["optimizer"]
+    model = Transformer(cfg.model).to(device)
+    model.activation_checkpointing = cfg.train.activation_checkpointing  # as LitLM.configure_model sets it
+    opt = make_optimizer(model, cfg.train, device)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 

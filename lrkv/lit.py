@@ -1,20 +1,17 @@
-"""LightningModule around `Transformer`: next-token loss, AdamW, WSD/cosine schedule, checkpoint config guard.
+"""LightningModule around `Transformer`: next-token loss, the optimizer and schedule of lrkv/optim.py, checkpoint
+config guard.
 
-Optimizer groups: weight decay on matrices (linear weights, LRKV's B_h, the untied lm_head); none on norms,
-biases and the token embedding, whose decay would only shrink rarely-seen token rows toward zero.
-Schedules are stepped once per optimizer step (not per micro-batch), so grad accumulation does not stretch them.
 A resumed run follows the schedule of its current config from the checkpoint's step on (SCHEDULE_KEYS may change).
 """
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 
-from lrkv.config import Config, TrainConfig
+from lrkv.config import Config
 from lrkv.model import Transformer
+from lrkv.optim import lr_factor, make_optimizer, make_schedule
 
 
 class CheckpointMismatchError(ValueError):
@@ -46,28 +43,6 @@ def config_differences(old: dict, new: dict) -> list[str]:
 def schedule_changes(old: dict, new: dict) -> list[str]:
     """'train.key: old -> new' for every SCHEDULE_KEYS field that differs."""
     return _differences(old, new, schedule=True)
-
-
-def lr_factor(step: int, t: TrainConfig) -> float:
-    """Multiplier of train.lr for optimizer step `step` (0-based).
-
-    warmup  (step + 1) / warmup_steps for step < warmup_steps
-    wsd     1 until the last decay_fraction of max_steps, then linear to min_lr_ratio at max_steps
-    cosine  min + (1 - min) * (1 + cos(pi * p)) / 2, p = (step - warmup) / (max_steps - warmup)
-    """
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    lo = t.min_lr_ratio
-    if t.schedule == "constant":
-        return 1.0
-    if t.schedule == "cosine":
-        p = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-    decay_start = max(t.warmup_steps, t.max_steps - round(t.decay_fraction * t.max_steps))
-    if step < decay_start:
-        return 1.0
-    p = (step - decay_start) / max(1, t.max_steps - decay_start)
-    return 1.0 - (1.0 - lo) * min(p, 1.0)
 
 
 class LitLM(L.LightningModule):
@@ -106,15 +81,8 @@ class LitLM(L.LightningModule):
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
     def configure_optimizers(self):
-        t = self.cfg.train
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 flattens p; ds_shape keeps the real shape
-            (decay if ndim >= 2 and not name.startswith("embed.") else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, t))
+        opt = make_optimizer(self.model, self.cfg.train, self.device)
+        sched = make_schedule(opt, self.cfg.train)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_train_start(self) -> None:

@@ -23,8 +23,9 @@ from lrkv.checkpoint import DamagedCheckpointError, RunDirError, prepare_run_dir
 from lrkv.config import TrainConfig, parse_cli
 from lrkv.data import DataError, shakespeare_files
 from lrkv.export import load_export
-from lrkv.lit import CheckpointMismatchError, lr_factor
+from lrkv.lit import CheckpointMismatchError
 from lrkv.model import Transformer
+from lrkv.optim import lr_factor
 from lrkv.tokenizer import TokenizerError
 
 ROOT = Path(__file__).resolve().parent.parent
