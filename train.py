@@ -3,9 +3,10 @@
     python train.py --config lrkv_debug.yaml [--section.key=value ...]
 
 Same command on a laptop (CPU, fp32) and on GPU nodes (torchrun / srun start one process per device;
-Lightning picks the ranks up from the environment). The run folder gets: config.yaml (resolved), tokenizer.json,
-data/ (tokenized corpus cache), checkpoints/ (step-N.ckpt, last.ckpt), csv/ and tensorboard/ logs,
-loss_curve.png, and export/ (config.json, model.safetensors, tokenizer.json) at the end.
+Lightning picks the ranks up from the environment). The run folder (lrkv/rundir.py) gets: config.yaml (resolved),
+tokenizer.json, data/ (tokenized corpus cache), checkpoints/ (step-N.ckpt, last.ckpt), csv/ and tensorboard/ logs,
+metrics.json (loss curves, tokens, FLOPs, throughput), loss_curve.png, and export/ (config.json, model.safetensors,
+tokenizer.json) at the end.
 
 --run.resume=auto continues from the newest readable checkpoint of this run; the schedule (train.max_steps, lr
 and its schedule fields, ckpt/val cadence) may change on resume and is logged in config_changes.log. A start
@@ -17,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
-from pathlib import Path
 
 from lrkv.config import ConfigError, parse_cli
 
@@ -47,15 +47,16 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tokenizers import Tokenizer
 
 from lrkv.atomic import DiskFullError
-from lrkv.callbacks import (LossCurve, NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint, StepProgressBar,
-                            Throughput)
-from lrkv.checkpoint import (LAST, AtomicCheckpointIO, DamagedCheckpointError, Resume, RunDirError, RunLock,
-                             RunRecord, checkpoint_dir, describe, prepare_run_dir)
+from lrkv.callbacks import (LossCurve, NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint, RunMetrics,
+                            StepProgressBar, Throughput)
+from lrkv.checkpoint import (AtomicCheckpointIO, DamagedCheckpointError, Resume, RunDirError, RunLock, RunRecord,
+                             describe, prepare_run_dir)
 from lrkv.config import Config
 from lrkv.data import DataError, LMData
 from lrkv.export import export_checkpoint, load_export, save_export
 from lrkv.inference.generator import Generator
 from lrkv.lit import CheckpointMismatchError, LitLM
+from lrkv.rundir import RunDir
 from lrkv.strategy import trainer_kwargs
 from lrkv.tokenizer import TokenizerError, eos_id
 
@@ -69,35 +70,37 @@ def main(argv: list[str] | None = None, callbacks: tuple[L.Callback, ...] = ()) 
     cfg = parse_cli(sys.argv[1:] if argv is None else argv)
     check_wandb(cfg)
     kwargs = trainer_kwargs(cfg)  # placement errors (no CUDA, launcher disagrees) before the run folder is read
-    run_dir = Path(cfg.run.dir)
+    run = RunDir(cfg.run.dir)
     is_rank_zero = rank_zero_only.rank == 0  # from RANK / LOCAL_RANK / SLURM_PROCID, before any process group
-    lock = RunLock(run_dir).acquire() if is_rank_zero else None  # two runs in one folder would overwrite each other
+    lock = RunLock(run.path).acquire() if is_rank_zero else None  # two runs in one folder would overwrite each other
     try:
-        resume = prepare_run_dir(cfg, run_dir)  # reads only: a refused start leaves the folder as it was
+        resume = prepare_run_dir(cfg, run.path)  # reads only: a refused start leaves the folder as it was
         if is_rank_zero:
-            print("\n".join(describe(resume)) or f"new run in {run_dir}", flush=True)
-        return train(cfg, run_dir, resume, kwargs, callbacks, t_start)
+            print("\n".join(describe(resume)) or f"new run in {run.path}", flush=True)
+        return train(cfg, run, resume, kwargs, callbacks, t_start)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train(cfg: Config, run_dir: Path, resume: Resume, kwargs: dict, callbacks: tuple[L.Callback, ...],
+def train(cfg: Config, run: RunDir, resume: Resume, kwargs: dict, callbacks: tuple[L.Callback, ...],
           t_start: float) -> dict:
     L.seed_everything(cfg.train.seed, verbose=False)  # same initial weights on every rank and every try
 
     # ---- data, model, logging, checkpoints
-    data = LMData(cfg, run_dir)
+    data = LMData(cfg, run.path)
     lit = LitLM(cfg)
-    loggers = [CSVLogger(run_dir, name="csv")] if cfg.log.csv else []  # a new version_N folder per (re)start
+    loggers = [CSVLogger(run.path, name=run.csv.name)] if cfg.log.csv else []  # a new version_N folder per (re)start
     if cfg.log.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+        loggers.append(TensorBoardLogger(run.path, name=run.tensorboard.name))
     if cfg.log.wandb:
-        loggers.append(WandbLogger(project=cfg.log.wandb_project, save_dir=run_dir, name=run_dir.name))
+        loggers.append(WandbLogger(project=cfg.log.wandb_project, save_dir=run.path, name=run.path.name))
     show_bar = cfg.log.progress_bar and sys.stderr.isatty()  # plain log lines in files / batch jobs
-    curve = LossCurve(cfg.log.every, run_dir / "loss_curve.png")
-    preempt = PreemptionCheckpoint(checkpoint_dir(run_dir) / LAST)
-    periodic = ModelCheckpoint(dirpath=checkpoint_dir(run_dir), filename="step-{step:06d}",
+    curve = LossCurve(cfg.log.every, run.loss_curve)
+    throughput = Throughput(cfg.log.every, cfg.data.seq_len, print_lines=not show_bar)
+    metrics = RunMetrics(run.metrics, curve, throughput, cfg.data.seq_len * cfg.train.micro_batch_size)
+    preempt = PreemptionCheckpoint(run.last)
+    periodic = ModelCheckpoint(dirpath=run.checkpoints, filename=RunDir.STEP_NAME,
                                auto_insert_metric_name=False, every_n_train_steps=cfg.train.ckpt_every, save_top_k=cfg.train.keep_last,
                                monitor="step", mode="max", save_last=True,  # top-k by step = keep the last N
                                enable_version_counter=False)  # last.ckpt is also written on signals: replace it
@@ -113,11 +116,10 @@ def train(cfg: Config, run_dir: Path, resume: Resume, kwargs: dict, callbacks: t
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log.every,
         logger=loggers,
-        callbacks=[Throughput(cfg.log.every, cfg.data.seq_len, print_lines=not show_bar), curve,
-                   *([StepProgressBar()] if show_bar else []),
-                   NonFiniteLossGuard(), RunRecord(cfg, run_dir, resume), preempt, periodic, *callbacks],
+        callbacks=[throughput, curve, metrics, *([StepProgressBar()] if show_bar else []),  # metrics after curve
+                   NonFiniteLossGuard(), RunRecord(cfg, run.path, resume), preempt, periodic, *callbacks],
         enable_progress_bar=show_bar,
-        default_root_dir=run_dir,
+        default_root_dir=run.path,
         use_distributed_sampler=False,  # LMData shards by rank itself
     )
 
@@ -128,24 +130,23 @@ def train(cfg: Config, run_dir: Path, resume: Resume, kwargs: dict, callbacks: t
             print(f"stopped by signal at step {preempt.stopped_at}; resume with --run.resume=auto")
         return {"trainer": trainer, "lit": lit, "curve": curve, "stopped_at": preempt.stopped_at}
     if trainer.global_step % cfg.train.ckpt_every:  # ModelCheckpoint saved multiples of ckpt_every only
-        trainer.save_checkpoint(checkpoint_dir(run_dir) / LAST, weights_only=False)
+        trainer.save_checkpoint(run.last, weights_only=False)
 
     # ---- export and sample (rank 0)
     result = {"trainer": trainer, "lit": lit, "curve": curve, "stopped_at": None}
     if not trainer.is_global_zero:
         return result
-    tokenizer_file = run_dir / "tokenizer.json"
     if cfg.run.export and cfg.strategy.name == "deepspeed":  # ZeRO shards / bf16 copies: consolidate the fp32 master
-        export_checkpoint(checkpoint_dir(run_dir) / LAST, run_dir / "export", tokenizer_file)
+        export_checkpoint(run.last, run.export, run.tokenizer)
     elif cfg.run.export:
-        save_export(lit.model.state_dict(), cfg.model, run_dir / "export", tokenizer_file)
-    model = load_export(run_dir / "export", device=lit.device) if cfg.run.export else lit.model.float().eval()
-    tok = Tokenizer.from_file(str(tokenizer_file))
+        save_export(lit.model.state_dict(), cfg.model, run.export, run.tokenizer)
+    model = load_export(run.export, device=lit.device) if cfg.run.export else lit.model.float().eval()
+    tok = Tokenizer.from_file(str(run.tokenizer))
     sample = Generator(model, tok, eos=[eos_id(tok)]).generate([cfg.run.sample_prompt], cfg.run.sample_tokens)[0]
     (first_step, first), (last_step, last) = curve.train[0], curve.train[-1]
     print(f"\n--- sample (greedy) ---\n{cfg.run.sample_prompt}{sample.text}\n---")
     print(f"loss {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step}); "
-          f"wall time {time.time() - t_start:.1f} s; run folder {run_dir}")
+          f"wall time {time.time() - t_start:.1f} s; run folder {run.path}")
     return result
 
 

@@ -1,8 +1,10 @@
-"""Training callbacks: throughput/MFU/ETA, loss-curve PNG, non-finite-loss stop, checkpoint-and-exit on signals."""
+"""Training callbacks: throughput/MFU/ETA, loss-curve PNG, metrics.json, non-finite-loss stop, checkpoint-and-exit
+on signals."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import threading
@@ -11,9 +13,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import Throughput as ThroughputMeter
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+
+from lrkv.atomic import atomic_write
 
 # Dense bf16/fp16 peaks (NVIDIA datasheets) where Lightning's table is off, matched first, in order: it files H200s
 # under "h200 sxm1" / "h200 nvl1", which the names torch reports ("NVIDIA H200", "NVIDIA H200 NVL") do not match,
@@ -40,6 +45,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
 
 def compute_dtype(precision: str) -> torch.dtype:
     """The matmul dtype of a Lightning precision string: bf16-mixed / bf16-true -> bfloat16, 16-mixed -> float16."""
+    # Lightning's own mapping (_plugin_to_compute_dtype) is private and takes the plugin object, not this string
     return {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}.get(str(precision).split("-")[0],
                                                                                 torch.float32)
 
@@ -78,30 +84,47 @@ class Throughput(L.Callback):
     """Every `every` optimizer steps: tokens/s per device, MFU, ETA; a plain log line when there is no progress bar.
 
     MFU = model FLOPs per token (formula, fwd + bwd) x tokens/s per device / device peak ("n/a" when unknown).
+    Lightning's Throughput does the rates over a window of two updates, this one's previous log line and now;
+    ThroughputMonitor is not used: it counts micro-batches, not optimizer steps, and prints no line or ETA.
+    `average()` is the whole (re)start's tokens/s per device and MFU, for metrics.json.
     """
 
     def __init__(self, every: int, seq_len: int, print_lines: bool):
         self.every, self.seq_len, self.print_lines = every, seq_len, print_lines
         self._t0: float | None = None
-        self._tokens = 0
+        self._batches = self._samples = self._tokens = 0  # this device's, since the first batch of this (re)start
+        self._logged = (0.0, 0)  # (seconds since the first batch, tokens) at the latest log line
+        self.meter: ThroughputMeter | None = None
+        self.flops_per_token = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.flops_per_token = pl_module.model.num_flops_per_token(self.seq_len)
+        self.meter = ThroughputMeter(available_flops=peak_flops(pl_module.device, compute_dtype(trainer.precision)),
+                                     world_size=trainer.world_size, window_size=2)
+        self.meter.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 is None:
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+        self._samples += batch[0].shape[0]
         self._tokens += batch[0].numel()
         step = trainer.global_step
         if (batch_idx + 1) % trainer.accumulate_grad_batches or (step % self.every and step != trainer.max_steps):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()  # time the work, not the kernel launches
-        elapsed = time.perf_counter() - self._t0
-        tps = self._tokens / elapsed
-        steps_in_window = self._tokens / (batch[0].numel() * trainer.accumulate_grad_batches)
-        eta = (trainer.max_steps - step) * elapsed / steps_in_window
-        peak = peak_flops(pl_module.device, compute_dtype(trainer.precision))
-        mfu = pl_module.model.num_flops_per_token(self.seq_len) * tps / peak if peak else None
+        now = time.perf_counter() - self._t0
+        window_s, window_tokens = now - self._logged[0], self._tokens - self._logged[1]
+        self.meter.update(time=now, batches=self._batches, samples=self._samples, lengths=self._tokens,
+                          flops=self.flops_per_token * window_tokens)
+        self._logged = (now, self._tokens)
+        rates = self.meter.compute()
+        tps, mfu = rates["device/items_per_sec"], rates.get("device/mfu")
+        steps_in_window = window_tokens / (batch[0].numel() * trainer.accumulate_grad_batches)
+        eta = (trainer.max_steps - step) * window_s / steps_in_window
         metrics = {"perf/tokens_per_s_per_device": tps, "perf/eta_s": eta}
         if mfu is not None:
             metrics["perf/mfu"] = mfu
@@ -115,7 +138,14 @@ class Throughput(L.Callback):
                   f"| grad {float(grad):.3f}" if grad is not None else "",
                   f"| {tps:,.0f} tok/s/device | MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}",
                   f"| ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
-        self._t0, self._tokens = time.perf_counter(), 0
+
+    def average(self) -> tuple[float | None, float | None]:
+        """(tokens/s per device, MFU or None) from the first batch of this (re)start to the latest log line."""
+        seconds, tokens = self._logged
+        if not tokens:
+            return None, None
+        peak = self.meter.available_flops
+        return tokens / seconds, self.flops_per_token * tokens / seconds / peak if peak else None
 
 
 class LossCurve(L.Callback):
@@ -168,6 +198,39 @@ class LossCurve(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.train, self.val = [tuple(x) for x in state["train"]], [tuple(x) for x in state["val"]]
+
+
+class RunMetrics(L.Callback):
+    """<run>/metrics.json (rank 0), rewritten at each validation and when training ends: the loss curves
+    [(optimizer step, loss)] of `curve` (restored from the checkpoint, so a resumed run's file holds the whole run),
+    tokens and training FLOPs per optimizer step (all ranks), tokens seen, and this (re)start's tokens/s per device
+    and MFU (None when the device's peak is unknown). eval/compare.py reads it."""
+
+    def __init__(self, path: str | Path, curve: LossCurve, throughput: Throughput, tokens_per_micro_batch: int):
+        self.path, self.curve, self.throughput = Path(path), curve, throughput
+        self.tokens_per_micro_batch = tokens_per_micro_batch
+
+    def write(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        tokens_per_step = self.tokens_per_micro_batch * trainer.accumulate_grad_batches * trainer.world_size
+        tokens_per_s, mfu = self.throughput.average()
+        metrics = {"step": trainer.global_step, "max_steps": trainer.max_steps,
+                   "tokens_per_step": tokens_per_step, "tokens_seen": trainer.global_step * tokens_per_step,
+                   "flops_per_token": self.throughput.flops_per_token,
+                   "flops_per_step": self.throughput.flops_per_token * tokens_per_step,
+                   "train_loss": self.curve.train, "val_loss": self.curve.val,
+                   "final_val_loss": self.curve.val[-1][1] if self.curve.val else None,
+                   "tokens_per_s_per_device": tokens_per_s, "mfu": mfu}
+        text = json.dumps(metrics, indent=1).encode()
+        atomic_write(self.path, lambda f: f.write(text), need=len(text))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # after LossCurve's (callbacks run in list order): its val point is in
+            self.write(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer)
 
 
 class NonFiniteLossGuard(L.Callback):

@@ -1,4 +1,5 @@
-"""Run folder guard and lock, resume resolution with checkpoint checks, atomic checkpoint writes.
+"""Run folder guard and lock, resume resolution with checkpoint checks, atomic checkpoint writes, and reading a
+checkpoint back (a .ckpt file or a DeepSpeed ZeRO folder) for lrkv.export.
 
 Lightning's TorchCheckpointIO writes through an fsspec transaction whose temporary file lives in the system
 temp dir; when that is another filesystem than the run dir (usual on clusters) the final move is a copy, and a
@@ -14,6 +15,7 @@ import datetime
 import errno
 import fcntl
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lrkv.atomic import atomic_write
 from lrkv.config import Config
 from lrkv.lit import CheckpointMismatchError, config_differences, schedule_changes
-
-CONFIG_FILE = "config.yaml"
-CHANGES_FILE = "config_changes.log"
-LOCK_FILE = ".lock"
-LAST = "last.ckpt"
+from lrkv.rundir import RunDir
 
 
 class RunDirError(ValueError):
@@ -39,7 +37,8 @@ class RunDirError(ValueError):
 
 
 class DamagedCheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: unreadable, not written by train.py, or without a loader position."""
+    """A checkpoint that cannot be resumed from (unreadable, not written by train.py, or without a loader
+    position) or read back (a path that is no checkpoint, no tokenizer beside it)."""
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -59,10 +58,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f), need=_tensor_bytes(checkpoint))
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 # ---------------------------------------------------------------------------------------------------- resume
 
 
@@ -76,18 +71,27 @@ class Resume:
     skipped: list[str] = field(default_factory=list)  # 'file: why' for damaged candidates passed over
 
 
+def is_deepspeed_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "latest").is_file()  # DeepSpeed's save_checkpoint names its newest tag there
+
+
+def _zero_client_file(folder: Path) -> tuple[str, Path]:
+    """(newest tag, rank 0's model-states file) of a DeepSpeed folder: Lightning's client state (hyper_parameters,
+    loops) is in that file."""
+    if not is_deepspeed_dir(folder):
+        raise DamagedCheckpointError("a folder without DeepSpeed's 'latest' file (an unfinished save?)")
+    tag = (folder / "latest").read_text().strip()
+    states = sorted((folder / tag).glob("*model_states.pt"))
+    if not states:
+        raise DamagedCheckpointError(f"no *model_states.pt in tag '{tag}'")
+    return tag, states[0]
+
+
 def _client_state(path: Path) -> dict:
     """The Lightning checkpoint dict without loading tensor data (mmap): a .ckpt file, or rank 0's model-states
     file of a DeepSpeed folder's newest tag."""
     if path.is_dir():
-        latest = path / "latest"
-        if not latest.is_file():
-            raise DamagedCheckpointError("a folder without DeepSpeed's 'latest' file (an unfinished save?)")
-        tag = latest.read_text().strip()
-        states = sorted((path / tag).glob("*model_states.pt"))
-        if not states:
-            raise DamagedCheckpointError(f"no *model_states.pt in tag '{tag}'")
-        path = states[0]
+        path = _zero_client_file(path)[1]
     if path.stat().st_size == 0:
         raise DamagedCheckpointError("empty file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end
@@ -119,11 +123,9 @@ def inspect_checkpoint(path: Path, cfg: Config) -> Resume:
     return Resume(str(path), step, schedule_changes(saved, cfg.to_dict()))
 
 
-def _candidates(run_dir: Path) -> list[Path]:
+def _candidates(run: RunDir) -> list[Path]:
     """last.ckpt, then step-N.ckpt newest first."""
-    folder = checkpoint_dir(run_dir)
-    steps = sorted(folder.glob("step-*.ckpt"), key=lambda p: p.name, reverse=True)  # zero-padded: name order
-    return [p for p in [folder / LAST, *steps] if p.exists()]
+    return [p for p in [run.last, *run.step_checkpoints()] if p.exists()]
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path) -> Resume:
@@ -135,8 +137,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> Resume:
     --run.resume=auto takes the newest checkpoint that passes inspect_checkpoint and names the ones it skipped;
     an explicit --run.resume=PATH that does not pass is refused.
     """
-    saved_path = run_dir / CONFIG_FILE
-    found = _candidates(run_dir)
+    run = RunDir(run_dir)
+    saved_path = run.config
+    found = _candidates(run)
     if saved_path.exists() and found:
         try:
             saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -145,7 +148,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> Resume:
                               f"the folder") from None
         diffs = config_differences(saved, cfg.to_dict())
         if diffs:
-            raise RunDirError(f"{run_dir} already holds another run (its {CONFIG_FILE} -> now: {'; '.join(diffs)}); "
+            raise RunDirError(f"{run_dir} already holds another run (its {saved_path.name} -> now: {'; '.join(diffs)}); "
                               f"choose another --run.dir or remove that folder")
         if cfg.run.resume is None:
             raise RunDirError(f"{run_dir} already holds checkpoints of this run; continue it with --run.resume=auto "
@@ -170,7 +173,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> Resume:
         resume.skipped = skipped
         return resume
     if found:
-        raise DamagedCheckpointError(f"--run.resume=auto: no usable checkpoint in {checkpoint_dir(run_dir)} "
+        raise DamagedCheckpointError(f"--run.resume=auto: no usable checkpoint in {run.checkpoints} "
                                      f"({'; '.join(skipped)})")
     return Resume()
 
@@ -191,19 +194,19 @@ class RunRecord(L.Callback):
     remove temporary files a killed save left in checkpoints/."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: Resume):
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.cfg, self.run, self.resume = cfg, RunDir(run_dir), resume
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
         text = self.cfg.to_yaml().encode()
-        atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(text), need=len(text))
+        atomic_write(self.run.config, lambda f: f.write(text), need=len(text))
         if self.resume.changes:
             when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            with open(self.run_dir / CHANGES_FILE, "a") as f:
+            with open(self.run.changes, "a") as f:
                 f.write(f"{when} resumed from {self.resume.path} at step {self.resume.step}: "
                         f"{'; '.join(self.resume.changes)}\n")
-        for tmp in checkpoint_dir(self.run_dir).glob(".*.tmp"):
+        for tmp in self.run.checkpoints.glob(".*.tmp"):
             tmp.unlink()
 
 
@@ -218,7 +221,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path):
-        self.run_dir, self.path = Path(run_dir), Path(run_dir) / LOCK_FILE
+        self.run_dir, self.path = Path(run_dir), RunDir(run_dir).lock
         self.created = not self.run_dir.exists()
         self.fd: int | None = None
 
@@ -254,3 +257,45 @@ class RunLock:
             self.fd = None
         if self.created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
             self.run_dir.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------- reading back
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file or DeepSpeed folder as given; a run folder resolves to its checkpoints/last.ckpt."""
+    path = Path(path)
+    if path.is_file() or is_deepspeed_dir(path):
+        return path
+    last = RunDir(path).last
+    if last.exists():
+        return last
+    what = "has no checkpoints/last.ckpt and is not a DeepSpeed checkpoint" if path.is_dir() else "does not exist"
+    raise DamagedCheckpointError(f"{path}: {what}; give a .ckpt file, a DeepSpeed checkpoint folder or a run folder")
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full fp32 LightningModule state dict, the checkpoint's other entries) from a .ckpt file or a ZeRO folder.
+
+    Checkpoints are pickles (loop and callback state): read only those of runs you trust.
+    """
+    try:
+        if not is_deepspeed_dir(ckpt):
+            meta = torch.load(ckpt, map_location="cpu", weights_only=False)
+            return meta.pop("state_dict"), meta
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation is CPU work; skip accelerator detection
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        tag, client = _zero_client_file(ckpt)
+        meta = torch.load(client, map_location="cpu", weights_only=False)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag), meta
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise DamagedCheckpointError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def find_tokenizer(ckpt: Path) -> Path:
+    """tokenizer.json beside a checkpoint or in its run folder (<run>/checkpoints/last.ckpt -> <run>/tokenizer.json)."""
+    for run in (RunDir(ckpt.parent), RunDir(ckpt.parent.parent)):
+        if run.tokenizer.is_file():
+            return run.tokenizer
+    raise DamagedCheckpointError(f"{ckpt}: no {run.tokenizer.name} in its folder or run folder; pass --tokenizer PATH")

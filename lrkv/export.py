@@ -32,7 +32,6 @@ import ast
 import dataclasses
 import json
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -357,58 +356,18 @@ def open_export(export_dir: str | Path) -> Export:
 # ---------------------------------------------------------------------------------------------------- from training
 
 
-def _is_deepspeed_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "latest").is_file()  # DeepSpeed's save_checkpoint names its newest tag there
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file or DeepSpeed folder as given; a run folder resolves to its checkpoints/last.ckpt."""
-    path = Path(path)
-    if path.is_file() or _is_deepspeed_dir(path):
-        return path
-    last = path / "checkpoints" / "last.ckpt"
-    if last.exists():
-        return last
-    what = "has no checkpoints/last.ckpt and is not a DeepSpeed checkpoint" if path.is_dir() else "does not exist"
-    raise ExportError(f"{path}: {what}; give a .ckpt file, a DeepSpeed checkpoint folder or a run folder")
-
-
-def read_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 LightningModule state dict, the checkpoint's other entries) from a .ckpt file or a ZeRO folder.
-
-    Checkpoints are pickles (loop and callback state): read only those of runs you trust.
-    """
-    try:
-        if not _is_deepspeed_dir(ckpt):
-            meta = torch.load(ckpt, map_location="cpu", weights_only=False)
-            return meta.pop("state_dict"), meta
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation is CPU work; skip accelerator detection
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # Lightning's client state (hyper_parameters, loops) is in rank 0's model-states file of the newest tag.
-        tag = (ckpt / "latest").read_text().strip()
-        states = sorted((ckpt / tag).glob("*model_states.pt"))
-        if not states:
-            raise FileNotFoundError(f"no *model_states.pt in {ckpt / tag}")
-        meta = torch.load(states[0], map_location="cpu", weights_only=False)
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag), meta
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        raise ExportError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-
-
-def _find_tokenizer(ckpt: Path) -> Path:
-    for folder in (ckpt.parent, ckpt.parent.parent):  # <run>/checkpoints/last.ckpt -> <run>/tokenizer.json
-        if (folder / TOKENIZER_NAME).is_file():
-            return folder / TOKENIZER_NAME
-    raise ExportError(f"{ckpt}: no {TOKENIZER_NAME} in its folder or run folder; pass --tokenizer PATH")
-
-
 def export_checkpoint(src: str | Path, out_dir: str | Path, tokenizer_file: str | Path | None = None) -> Path:
     """Write an export folder from a training checkpoint, refusing one whose tensors do not match its config."""
+    # here, not at the top: checkpoint.py imports Lightning, and loading an export must not
+    from lrkv.checkpoint import DamagedCheckpointError, find_tokenizer, read_checkpoint, resolve_checkpoint
+
     check_replaceable(out_dir)  # before reading (and consolidating) the checkpoint
-    ckpt = resolve_checkpoint(src)
-    tokenizer_file = Path(tokenizer_file) if tokenizer_file is not None else _find_tokenizer(ckpt)
-    state, meta = read_checkpoint(ckpt)
+    try:
+        ckpt = resolve_checkpoint(src)
+        tokenizer_file = Path(tokenizer_file) if tokenizer_file is not None else find_tokenizer(ckpt)
+        state, meta = read_checkpoint(ckpt)
+    except DamagedCheckpointError as e:
+        raise ExportError(str(e)) from e
     try:
         cfg = model_config_from_dict(meta["hyper_parameters"]["config"]["model"])
     except (KeyError, TypeError) as e:
@@ -427,6 +386,8 @@ def export_checkpoint(src: str | Path, out_dir: str | Path, tokenizer_file: str 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lrkv.checkpoint import resolve_checkpoint  # see export_checkpoint
+
     args = parser().parse_args(argv)
     try:
         out = export_checkpoint(args.src, args.out, args.tokenizer)

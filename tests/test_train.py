@@ -4,6 +4,7 @@ import errno
 import hashlib
 import importlib.util
 import io
+import json
 import math
 import os
 import shutil
@@ -95,6 +96,8 @@ def test_resume_is_bit_identical(full_run, corpus, tmp_path):
     assert all(torch.equal(done[k], ref[k]) for k in ref)
     assert (tmp_path / "tokenizer.json").read_bytes() != b""
     assert [s for s, _ in second["curve"].train][:2] == [1, 2]  # curve history came back from the checkpoint
+    resumed, straight = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, full_run[0]))
+    assert resumed["val_loss"] == straight["val_loss"] and resumed["tokens_seen"] == straight["tokens_seen"]
 
 
 def test_export_gives_the_trained_modules_logits(full_run):
