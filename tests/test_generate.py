@@ -12,7 +12,10 @@ import torch
 
 from lrkv.config import ModelConfig, validate_model
 from lrkv.export import save_export
+from tokenizers.decoders import DecodeStream
+
 from lrkv.generate import lrqk_config, main, parse_args
+from lrkv.inference import generator
 from lrkv.inference.generator import GenerateError, Generator, Sampling, _settled, filter_logits, next_tokens
 from lrkv.inference.lrqk import LRQKConfig
 from lrkv.model import Transformer
@@ -174,6 +177,72 @@ def test_stream_holds_back_partial_characters_and_possible_stop_prefixes():
     assert _settled("to be or no", ["not", "x"]) == "to be or "
     assert _settled("to be or n", ["not"]) == "to be or "
     assert _settled("to be", ["not"]) == "to be"
+
+
+MULTIBYTE = "Café naïve – 🎉🙂 日本語, ok. "  # outside the tokenizer's ASCII corpus: one token per UTF-8 byte
+
+
+class Scripted:
+    """Stands in for the model's decoder: greedy decoding then yields `ids`, one per step, for one row."""
+
+    def __init__(self, ids: list[int], vocab: int):
+        self.ids, self.vocab, self.stats = list(ids), vocab, {}
+
+    def prefill(self, idx, valid=None, logits_to_keep=1):
+        return self.step(idx)
+
+    def step(self, tokens):
+        logits = torch.full((1, 1, self.vocab), float("-inf"))
+        logits[0, 0, self.ids.pop(0)] = 0.0
+        return logits
+
+
+def scripted(gen: Generator, ids: list[int]) -> Generator:
+    gen.new_decoder = lambda max_context: Scripted(ids, gen.model.cfg.vocab_size)
+    return gen
+
+
+def test_streamed_pieces_are_the_full_decode_with_characters_split_across_tokens(exports):
+    gen = Generator.from_checkpoint(exports["lrkv"])
+    ids = gen.tokenizer.encode(MULTIBYTE).ids
+    assert sum(gen.tokenizer.decode([t]) == "\ufffd" for t in ids) >= 10  # many tokens are parts of a character
+    pieces = [d.text for deltas in scripted(gen, ids).stream(["We"], len(ids)) for d in deltas]
+    assert len(pieces) == len(ids) and "".join(pieces) == MULTIBYTE
+    assert not any("\ufffd" in p for p in pieces)  # a character shows once whole, never as its bytes
+    stop = "🙂 日"  # multi-byte characters over several tokens
+    deltas = [d for ds in scripted(gen, ids).stream(["We"], len(ids), stop=[stop]) for d in ds]
+    assert "".join(d.text for d in deltas) == MULTIBYTE[: MULTIBYTE.index(stop)]
+    assert deltas[-1].finish_reason == "stop" and len(deltas) < len(ids)
+
+
+def test_streaming_decodes_each_token_once_however_long_the_text(exports, monkeypatch):
+    """The old stream decoded the whole continuation per token (quadratic); now each token goes to DecodeStream once,
+    alone, and nothing else is decoded."""
+    gen = Generator.from_checkpoint(exports["lrkv"])
+    real, stepped, decoded = gen.tokenizer, [], []
+
+    class CountingTokenizer:
+        def decode(self, ids, **kwargs):
+            decoded.extend(ids)
+            return real.decode(ids, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    class CountingStream:
+        def __init__(self, **kwargs):
+            self.inner = DecodeStream(**kwargs)
+
+        def step(self, tokenizer, token):
+            stepped.append(token)
+            return self.inner.step(real, token)
+
+    monkeypatch.setattr(generator, "DecodeStream", CountingStream)
+    gen.tokenizer = CountingTokenizer()
+    ids = real.encode(MULTIBYTE * 6).ids  # 240 tokens, within max_seq_len
+    out = scripted(gen, ids).generate(["We"], len(ids))[0]
+    assert out.text == MULTIBYTE * 6 and out.tokens == ids
+    assert stepped == ids and decoded == []
 
 
 @pytest.mark.parametrize("attn, tail", [("lrkv", 1), ("gqa", 0)])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from lrkv.export import open_export
 from lrkv.inference.full import FullDecoder
@@ -79,8 +80,13 @@ class Completion:
 
 @dataclass
 class _Row:
-    tokens: list[int] = field(default_factory=list)
-    emitted: str = ""
+    """One row's decoding state. Each new token is decoded once, in DecodeStream's window of a few tokens, and only
+    the text not yet yielded is kept: the work per token does not grow with the continuation."""
+
+    new_tokens: int = 0
+    stream: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
+    held: list[int] = field(default_factory=list)  # tokens the stream holds back: an incomplete character so far
+    unsent: str = ""  # decoded, not yet yielded: a suffix that could still grow into a stop string
     finish_reason: str | None = None
 
 
@@ -172,14 +178,14 @@ class Generator:
                  sampling: Sampling | None = None, stop: Sequence[str] = (),
                  stop_ids: Sequence[int] = ()) -> list[Completion]:
         tokens: list[list[int]] = [[] for _ in prompts]
-        texts = [""] * len(prompts)
+        pieces: list[list[str]] = [[] for _ in prompts]
         reasons = [""] * len(prompts)
         for deltas in self.stream(prompts, max_new_tokens, sampling, stop, stop_ids):
             for d in deltas:
                 tokens[d.row].append(d.token)
-                texts[d.row] += d.text
+                pieces[d.row].append(d.text)
                 reasons[d.row] = d.finish_reason or ""
-        return [Completion(t, s, r) for t, s, r in zip(tokens, texts, reasons)]
+        return [Completion(t, "".join(p), r) for t, p, r in zip(tokens, pieces, reasons)]
 
     def stream(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                sampling: Sampling | None = None, stop: Sequence[str] = (),
@@ -229,22 +235,26 @@ class Generator:
 
     def _advance(self, i: int, row: _Row, token: int, max_new_tokens: int, stop_set: set[int],
                  stop: list[str]) -> Delta:
-        row.tokens.append(token)
+        row.new_tokens += 1
         if token in stop_set:
             row.finish_reason = "stop"
-            text = self.tokenizer.decode(row.tokens[:-1])
+            text = row.unsent + self.tokenizer.decode(row.held)  # an incomplete character decodes as U+FFFD
         else:
-            text = self.tokenizer.decode(row.tokens)
-            cut = min((j for j in (text.find(s) for s in stop) if j >= 0), default=-1)
-            if cut >= 0:
-                row.finish_reason, text = "stop", text[:cut]
-            elif len(row.tokens) >= max_new_tokens:
-                row.finish_reason = "length"
+            piece = row.stream.step(self.tokenizer, token)
+            if piece is None:
+                row.held.append(token)
             else:
-                text = _settled(text, stop)
-        delta = Delta(i, token, text[len(row.emitted):], row.finish_reason)
-        row.emitted = text
-        return delta
+                row.unsent, row.held = row.unsent + piece, []
+            # a stop string completed now starts in the unsent text: what was yielded held no prefix of one
+            cut = min((j for j in (row.unsent.find(s) for s in stop) if j >= 0), default=-1)
+            if cut >= 0:
+                row.finish_reason, text = "stop", row.unsent[:cut]
+            elif row.new_tokens >= max_new_tokens:
+                row.finish_reason, text = "length", row.unsent + self.tokenizer.decode(row.held)
+            else:
+                text = _settled(row.unsent, stop)
+        row.unsent = row.unsent[len(text):]
+        return Delta(i, token, text, row.finish_reason)
 
 
 def _settled(text: str, stop: list[str]) -> str:
