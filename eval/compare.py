@@ -8,8 +8,9 @@ final (smoothed) validation loss; s* is the first step (linear interpolation bet
 variant's smoothed loss reaches it; step saving = 1 - s*/S_mha, FLOP saving = 1 - C_variant(s*)/C_mha(S_mha).
 The trained exports also go through the head-diversity analysis (eval.head_diversity).
 
-Associative recall: the same debug-size variants trained on synthetic MQAR sequences (MQARTask; one token per
-key-value pair, see the MQAR section) for the same steps and seeds, scored on held-out sequences.
+Token-pair recall (eval/recall_study.py): the same debug-size variants trained from scratch on synthetic
+MQAR-style sequences in which each key-value pair is one token, for the same steps and seeds, scored on held-out
+sequences (not eval.long_context's `mqar`, which asks a trained export to retrieve key=value pairs written as text).
 
     python -m eval.compare [--steps 150] [--mqar-steps 600 --mqar-seeds 3] [--variants mha,gqa,mqa,mla,lrkv] [--out reports/compare]
 """
@@ -17,12 +18,11 @@ key-value pair, see the MQAR section) for the same steps and seeds, scored on he
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 VARIANT_NAMES = "mha,gqa,mqa,mla,lrkv"  # eval.common.VARIANTS, for the parser (built before torch loads)
@@ -34,16 +34,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=VARIANT_NAMES,
                    help="comma-separated attention variants, the first one's tokenizer shared (default %(default)s)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per LM run (16 x 128 tokens each)")
-    p.add_argument("--mqar-steps", type=int, default=600, help="0 skips the associative-recall study")
+    p.add_argument("--mqar-steps", type=int, default=600, help="token-pair recall study: training steps (0 skips it)")
     p.add_argument("--val-every", type=int, default=25, help="LM runs: optimizer steps between validations")
     p.add_argument("--smooth", type=int, default=2, help="validation points in the trailing mean")
-    p.add_argument("--mqar-pairs", type=int, default=32, help="key-value pairs per MQAR sequence")
-    p.add_argument("--mqar-queries", type=int, default=16, help="keys asked per MQAR sequence (<= pairs)")
+    p.add_argument("--mqar-pairs", type=int, default=32, help="key-value pairs (one token each) per recall sequence")
+    p.add_argument("--mqar-queries", type=int, default=16, help="keys asked per recall sequence (<= pairs)")
     p.add_argument("--mqar-keys", type=int, default=64, help="distinct keys (pairs draw distinct ones)")
     p.add_argument("--mqar-values", type=int, default=28, help="distinct values a key can hold")
-    p.add_argument("--mqar-seeds", type=int, default=3, help="MQAR trainings per variant (mean, min, max reported)")
+    p.add_argument("--mqar-seeds", type=int, default=3, help="recall trainings per variant (mean, min, max reported)")
     p.add_argument("--mqar-eval", type=int, default=512, help="held-out sequences scored")
-    p.add_argument("--mqar-eval-every", type=int, default=100, help="MQAR steps between held-out scores")
+    p.add_argument("--mqar-eval-every", type=int, default=100, help="recall steps between held-out scores")
     p.add_argument("--mqar-lrqk-rank", type=int, default=8, help="LRQK rank when the queries decode through LRQK")
     p.add_argument("--mqar-lrqk-top-k", type=int, default=8, help="of the ~pairs + queries keys before each query")
     p.add_argument("--out", default="reports/compare", help="report folder: compare.md, runs/, plots (default "
@@ -54,15 +54,12 @@ def parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and usage errors are answered here, before torch and the model code load
     parser().parse_args()
 
-import torch  # noqa: E402
-
 from eval import head_diversity  # noqa: E402
 from eval.common import VARIANTS, cli, markdown_table, plt, save_figure  # noqa: E402
-from lrkv.config import load_config  # noqa: E402
-from lrkv.export import load_export  # noqa: E402
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder  # noqa: E402
-from lrkv.lit import LitLM  # noqa: E402
-from lrkv.model import Transformer  # noqa: E402
+from eval.recall_study import MQARTask, mqar_study  # noqa: E402
+from lrkv.export import WEIGHTS_NAME, load_export  # noqa: E402
+from lrkv.inference.lrqk import LRQKConfig  # noqa: E402
+from lrkv.rundir import RunDir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "mha"
@@ -73,7 +70,7 @@ BASELINE = "mha"
 
 def train(variant: str, run_dir: Path, steps: int, val_every: int, extra: list[str]) -> None:
     """One train.py subprocess (log in run_dir/train.log); skipped when run_dir already holds an export."""
-    if (run_dir / "export" / "model.safetensors").is_file():
+    if (RunDir(run_dir).export / WEIGHTS_NAME).is_file():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", "lrkv_debug.yaml", *VARIANTS[variant],
@@ -91,33 +88,32 @@ def train(variant: str, run_dir: Path, steps: int, val_every: int, extra: list[s
 def train_all(variants: list[str], root: Path, steps: int, val_every: int, extra: list[str]) -> dict[str, Path]:
     """Train every variant; all after the first reuse the first run's tokenizer and packed data."""
     runs = {v: root / v for v in variants}
-    first = runs[variants[0]]
+    first = RunDir(runs[variants[0]])
     for v, run_dir in runs.items():
-        shared = []
-        if run_dir != first:
-            shared = [f"--data.tokenizer={first / 'tokenizer.json'}"]
-            if not (run_dir / "data").exists():  # lrkv.data reuses a packed cache made with the same tokenizer
-                shutil.copytree(first / "data", run_dir / "data")
-                shutil.copy(first / "tokenizer.json", run_dir / "tokenizer.json")
+        shared, run = [], RunDir(run_dir)
+        if run != first:
+            shared = [f"--data.tokenizer={first.tokenizer}"]
+            if not run.data.exists():  # lrkv.data reuses a packed cache made with the same tokenizer
+                shutil.copytree(first.data, run.data)
+                shutil.copy(first.tokenizer, run.tokenizer)
         train(v, run_dir, steps, val_every, extra + shared)
     return runs
 
 
+def run_metrics(run_dir: Path) -> dict:
+    """The metrics.json train.py wrote for a run (callbacks.RunMetrics)."""
+    return json.loads(RunDir(run_dir).metrics.read_text())
+
+
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(optimizer steps done, validation loss) from the newest CSV log of a run."""
-    metrics = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))[-1]
-    with open(metrics) as f:
-        # Lightning logs the step index of the batch just finished, i.e. steps done - 1
-        return [(int(r["step"]) + 1, float(r["val/loss"])) for r in csv.DictReader(f) if r.get("val/loss")]
+    """(optimizer steps done, validation loss) of a run."""
+    return [(int(step), float(loss)) for step, loss in run_metrics(run_dir)["val_loss"]]
 
 
 def step_cost(run_dir: Path) -> tuple[int, float]:
-    """(tokens, training FLOPs) per optimizer step of a run, from its resolved config."""
-    cfg = load_config(run_dir / "config.yaml")
-    with torch.device("meta"):
-        per_token = Transformer(cfg.model).num_flops_per_token(cfg.data.seq_len)
-    tokens = cfg.data.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum
-    return tokens, float(per_token * tokens)
+    """(tokens, training FLOPs) per optimizer step of a run."""
+    m = run_metrics(run_dir)
+    return m["tokens_per_step"], float(m["flops_per_step"])
 
 
 # ---------------------------------------------------------------------------------------------------- savings
@@ -159,9 +155,9 @@ def lm_rows(runs: dict[str, Path], smooth_window: int) -> tuple[list[dict], dict
         curves[v] = list(zip([s for s, _ in raw], smooth([l for _, l in raw], smooth_window)))
         tokens[v], flops[v] = step_cost(run_dir)
     base = BASELINE if BASELINE in runs else next(iter(runs))
-    kv_base = load_export(runs[base] / "export").kv_bytes_per_token()
+    kv_base = load_export(RunDir(runs[base]).export).kv_bytes_per_token()
     for v, run_dir in runs.items():
-        model = load_export(run_dir / "export")
+        model = load_export(RunDir(run_dir).export)
         steps, final = curves[v][-1]
         rows.append({"variant": v, "params": model.num_params(), "KV B/token": model.kv_bytes_per_token(),
                      "KV % MHA": 100.0 * model.kv_bytes_per_token() / kv_base,
@@ -191,117 +187,6 @@ def scatter_variants(ax, rows: list[dict], y: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
 
 
-# ---------------------------------------------------------------------------------------------------- MQAR
-# Zoology's MQAR writes a pair as two tokens `k v`; recalling v then needs an induction circuit (a previous-token
-# head feeding a matching head). The debug model does not form one on a CPU budget: with two-token pairs and 8
-# queries of 8 pairs it stayed at the accuracy of guessing among the not-yet-asked values (34%, 2000 steps; 2 layers:
-# 35% after 6000). Here a pair is one token, so one attention hop must find the pair whose key matches the query
-# and read its value: the study measures what the K and V projections keep, not when a circuit forms.
-
-
-@dataclass
-class MQARTask:
-    """Token ids: 1..keys*values are the pairs (k, v) -> 1 + k*values + v, then one query id per key, then one
-    answer id per value. A sequence is `pairs` pair tokens with distinct keys, then `queries` of those keys; the
-    target at each query is its pair's value. No answer is ever an input, so accuracy needs no teacher forcing."""
-
-    keys: int = 64
-    values: int = 28
-    pairs: int = 32
-    queries: int = 16
-
-    @property
-    def vocab_needed(self) -> int:
-        return 1 + self.keys * self.values + self.keys + self.values
-
-    def check(self, vocab_size: int) -> None:
-        if not self.queries <= self.pairs <= self.keys:
-            raise ValueError(f"MQAR needs queries <= pairs <= keys, got {self.queries}, {self.pairs}, {self.keys}")
-        if self.vocab_needed > vocab_size:
-            raise ValueError(f"MQAR with {self.keys} keys x {self.values} values needs {self.vocab_needed} token ids; "
-                             f"the model has {vocab_size}")
-
-    def batch(self, g: torch.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of shape (size, pairs + queries); targets are -100 except at the queries."""
-        keys = torch.stack([torch.randperm(self.keys, generator=g)[:self.pairs] for _ in range(size)])
-        values = torch.randint(0, self.values, (size, self.pairs), generator=g)
-        asked = torch.stack([torch.randperm(self.pairs, generator=g)[:self.queries] for _ in range(size)])
-        query_base = 1 + self.keys * self.values
-        x = torch.cat([1 + keys * self.values + values, query_base + keys.gather(1, asked)], 1)
-        targets = torch.full_like(x, -100)
-        targets[:, self.pairs:] = query_base + self.keys + values.gather(1, asked)
-        return x, targets
-
-
-def mqar_accuracy(model, task: MQARTask, n_sequences: int, seed: int) -> float:
-    """Share of held-out queries whose argmax is the right value; `model` maps ids (B, T) to logits (B, T, V)."""
-    x, targets = task.batch(torch.Generator().manual_seed(seed), n_sequences)
-    with torch.no_grad():
-        pred = model(x).argmax(-1)
-    asked = targets != -100
-    return (pred[asked] == targets[asked]).float().mean().item()
-
-
-def train_mqar(variant: str, task: MQARTask, steps: int, seed: int, eval_every: int, n_eval: int,
-               batch_size: int = 64, lr: float = 1e-3) -> tuple[Transformer, list[tuple[int, float]]]:
-    """Train the debug-size `variant` on fresh MQAR batches with train.py's optimizer and schedule (cosine here);
-    returns the model and (steps done, held-out accuracy) every eval_every steps and at the end."""
-    cfg = load_config("lrkv_debug.yaml", [*VARIANTS[variant], f"--train.lr={lr}", f"--train.max_steps={steps}",
-                                          "--train.schedule=cosine", f"--train.warmup_steps={min(50, steps // 10)}"])
-    task.check(cfg.model.vocab_size)
-    torch.manual_seed(seed)
-    lit = LitLM(cfg)
-    lit.configure_model()
-    opt_conf = lit.configure_optimizers()
-    opt, sched = opt_conf["optimizer"], opt_conf["lr_scheduler"]["scheduler"]
-    g, curve = torch.Generator().manual_seed(seed), []
-    for step in range(1, steps + 1):
-        x, targets = task.batch(g, batch_size)
-        loss = lit.model(x, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lit.model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        if step % eval_every == 0 or step == steps:
-            curve.append((step, mqar_accuracy(lit.model.eval(), task, n_eval, seed=10_000)))
-            lit.model.train()
-    return lit.model.eval(), curve
-
-
-def mqar_study(variants: list[str], task: MQARTask, steps: int, seeds: int, eval_every: int, n_eval: int,
-               lrqk: LRQKConfig, out: Path) -> list[dict]:
-    """Every variant x seed; one row per variant (final accuracy: mean, min, max over seeds; the same held-out
-    queries answered through the LRQK decoder, whose proxy must pick the matching pair); plots accuracy against
-    training step and against KV bytes to `out`."""
-    rows, curves = [], {}
-    for v in variants:
-        t0 = time.time()
-        runs = [train_mqar(v, task, steps, seed, eval_every, n_eval) for seed in range(seeds)]
-        curves[v] = [(s, sum(c[i][1] for _, c in runs) / seeds) for i, (s, _) in enumerate(runs[0][1])]
-        final = [100.0 * c[-1][1] for _, c in runs]
-        row = {"variant": v, "KV B/token": runs[0][0].kv_bytes_per_token(), "MQAR acc %": sum(final) / seeds,
-               "min %": min(final), "max %": max(final), "LRQK acc %": "n/a (MLA)"}
-        if v != "mla":  # LRQK's proxy covers lrkv, mha, gqa and mqa
-            row["LRQK acc %"] = sum(100.0 * mqar_accuracy(LRQKDecoder(m, lrqk).prefill, task, n_eval, seed=10_000)
-                                    for m, _ in runs) / seeds
-        rows.append(row)
-        print(f"MQAR {v}: {', '.join(f'{a:.1f}' for a in final)} %, LRQK {row['LRQK acc %']} "
-              f"({time.time() - t0:.0f} s)", flush=True)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for v, curve in curves.items():
-        a.plot([s for s, _ in curve], [100.0 * acc for _, acc in curve], marker=".", label=v)
-    a.set_xlabel("training step")
-    a.set_ylabel(f"held-out accuracy (%), mean of {seeds} seeds")
-    a.legend()
-    scatter_variants(b, rows, "MQAR acc %", "final MQAR accuracy (%), mean and seed range")
-    for r in rows:
-        b.errorbar(r["KV B/token"], r["MQAR acc %"], yerr=[[r["MQAR acc %"] - r["min %"]], [r["max %"] - r["MQAR acc %"]]],
-                   fmt="none", ecolor="grey", capsize=3)
-    save_figure(fig, out)
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -316,7 +201,7 @@ def main(argv: list[str] | None = None) -> str:
     report = [f"# Small replication (debug size, {args.steps} steps x 2048 tokens per variant, embedded corpus)\n",
               markdown_table(rows), "\n![loss](loss_vs_flops_and_kv.png)\n",
               "\n## Head diversity of the trained models (spec §7)\n",
-              head_diversity.run([str(runs[v] / "export") for v in variants], variants, out / "head_diversity"),
+              head_diversity.run([str(RunDir(runs[v]).export) for v in variants], variants, out / "head_diversity"),
               "\n![head diversity](head_diversity/head_diversity.png)\n"]
 
     if args.mqar_steps > 0:
@@ -325,7 +210,7 @@ def main(argv: list[str] | None = None) -> str:
                           sparse_query_tail=task.queries)
         mq_rows = mqar_study(variants, task, args.mqar_steps, args.mqar_seeds, args.mqar_eval_every,
                              args.mqar_eval, lrqk, out / "mqar.png")
-        report += [f"\n## Associative recall (MQAR, one token per pair: {task.pairs} pairs of {task.keys} keys x "
+        report += [f"\n## Token-pair recall (MQAR-style, one token per pair: {task.pairs} pairs of {task.keys} keys x "
                    f"{task.values} values, {task.queries} queries; {args.mqar_steps} steps x 64 sequences; "
                    f"accuracy on {args.mqar_eval} held-out sequences; mean/min/max of {args.mqar_seeds} seeds; LRQK: "
                    f"the queries decoded with rank {lrqk.rank}, top-{lrqk.top_k} + the current token)\n",

@@ -9,12 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
-from eval.compare import MQARTask, mqar_accuracy, savings, smooth, steps_to_reach, train_mqar, val_curve
+from eval.compare import savings, smooth, steps_to_reach
 from eval.head_diversity import centred_spectrum, diversity_metrics, head_maps, layer_diversity, operator_gram
 from eval.kv_memory import formula_bytes_per_token, measured_bytes_per_token, named_configs
 from eval.long_context import TASKS, Item, evaluate, make_item, prompt_tokens, ruler_score, string_match_all
 from eval.lrqk_agreement import agreement
 from eval.perplexity import perplexity, source_tokens
+from eval.recall_study import MQARTask, mqar_accuracy, train_mqar
 from lrkv.config import ModelConfig, validate_model
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
 from lrkv.model import Transformer
@@ -409,6 +410,7 @@ def test_ruler_report_only_merges_record_files_without_an_export(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- compare
+# (val_curve and step_cost read train.py's metrics.json: tests/test_train.py checks them on a real run)
 
 
 def test_steps_to_reach_and_savings_hand_cases():
@@ -423,13 +425,7 @@ def test_steps_to_reach_and_savings_hand_cases():
     assert smooth([4.0, 2.0, 6.0], 2) == [4.0, 3.0, 4.0]
 
 
-def test_val_curve_reads_lightning_csv(tmp_path):
-    d = tmp_path / "csv" / "version_1"
-    d.mkdir(parents=True)
-    (tmp_path / "csv" / "version_0").mkdir()
-    (tmp_path / "csv" / "version_0" / "metrics.csv").write_text("step,val/loss\n9,9.0\n")
-    (d / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,9,5.0,\n0,9,,4.5\n0,19,4.0,\n0,19,,3.5\n")
-    assert val_curve(tmp_path) == [(10, 4.5), (20, 3.5)]
+# ---------------------------------------------------------------------------------------------------- recall_study
 
 
 def decode_mqar(task: MQARTask, x: torch.Tensor) -> tuple[list[dict[int, int]], list[list[int]]]:

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny model: exact resume, export round trip, schedule, guards and bad inputs."""
 
+import csv
 import errno
 import hashlib
 import importlib.util
@@ -115,6 +116,27 @@ def test_export_gives_the_trained_modules_logits(full_run):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
     assert kept == ["step-000004.ckpt", "step-000008.ckpt"]  # keep_last=2 of steps 4, 8
+
+
+def test_metrics_json_agrees_with_the_csv_log_and_is_what_compare_reads(full_run):
+    from eval.compare import step_cost, val_curve
+
+    run_dir, _, result = full_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # Lightning's CSV logs the index of the batch just finished: optimizer steps done - 1
+    logged_val = [(int(r["step"]) + 1, float(r["val/loss"])) for r in rows if r.get("val/loss")]
+    assert [s for s, _ in logged_val] == [4, 8]  # val_every=4 of max_steps=8
+    assert val_curve(run_dir) == logged_val and metrics["final_val_loss"] == logged_val[-1][1]
+    assert metrics["train_loss"][-1] == [8, float(result["trainer"].callback_metrics["train/loss"])]
+    tokens_per_step = 32 * 4 * 2  # seq_len x micro_batch_size x grad_accum, one process
+    flops_per_token = load_export(run_dir / "export").num_flops_per_token(32)
+    assert step_cost(run_dir) == (tokens_per_step, flops_per_token * tokens_per_step)
+    assert metrics["tokens_seen"] == 8 * tokens_per_step and metrics["mfu"] is None  # CPU: no peak known
+    # the run's tokens/s is the time-weighted mean of the logged per-step windows, so it lies within their range
+    windows = [float(r["perf/tokens_per_s_per_device"]) for r in rows if r.get("perf/tokens_per_s_per_device")]
+    assert len(windows) == 8 and min(windows) * (1 - 1e-9) <= metrics["tokens_per_s_per_device"] <= max(windows) * (1 + 1e-9)
 
 
 def test_schedule_used_by_the_optimizer(full_run):
