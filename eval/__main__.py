@@ -52,8 +52,8 @@ from eval import head_diversity, kv_memory, long_context, lrqk_agreement, perple
 from eval.common import cli, markdown_table  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.lrqk import LRQKConfig  # noqa: E402
+from lrkv.inference.lrqk.plan import LRQK_ATTENTION  # noqa: E402
 
-LRQK_ATTN = ("mha", "gqa", "mqa", "lrkv")  # LRQKDecoder has no MLA path
 SUITES = {
     "quick": {"ppl_tokens": 8192, "tasks": ["passkey", "niah_single"], "lengths": [1], "n": 5,
               "prompts": 1, "ranks": [4, 8], "top_ks": [16, 32]},
@@ -81,10 +81,10 @@ def run(export: str, suite: str, source: str, context: int, out: Path) -> str:
     parts += ["\n## KV cache (bf16; measured from cache tensors vs formula)\n\n", markdown_table(kv),
               "\n![kv](kv_memory.png)\n"]
 
-    parts += ["\n## Head diversity (spec §7)\n\n", head_diversity.run([export], [m.attn], out),
+    parts += ["\n## Head diversity (docs/lrkv.md §7)\n\n", head_diversity.run([export], [m.attn], out),
               "\n![heads](head_diversity.png)\n"]
 
-    lrqk_ok = m.attn in LRQK_ATTN
+    lrqk_ok = m.attn in LRQK_ATTENTION
     lrqk = LRQKConfig(rank=min(8, m.dh), top_k=m.max_seq_len // 8, recent=16, sinks=4)
     lengths = [f * m.max_seq_len for f in s["lengths"]]
     tasks = [t for t in s["tasks"] if fits(t, tok, min(lengths))]

@@ -3,7 +3,7 @@
 Language modelling: `train.py --config lrkv_debug.yaml` once per variant (eval.common.VARIANTS) on the embedded
 corpus; the first run trains the tokenizer and the others reuse it, so every variant sees the same tokens and
 the same validation batches. Reported: validation loss against cumulative training FLOPs (steps x tokens/step x
-`num_flops_per_token`) and against KV bytes per token, and spec lrkv.md §6's savings: the target is MHA's
+`num_flops_per_token`) and against KV bytes per token, and docs/lrkv.md §6's savings: the target is MHA's
 final (smoothed) validation loss; s* is the first step (linear interpolation between validation points) where a
 variant's smoothed loss reaches it; step saving = 1 - s*/S_mha, FLOP saving = 1 - C_variant(s*)/C_mha(S_mha).
 The trained exports also go through the head-diversity analysis (eval.head_diversity).
@@ -139,7 +139,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 
 def savings(base: list[tuple[int, float]], base_flops_per_step: float, curve: list[tuple[int, float]],
             flops_per_step_: float) -> dict:
-    """Spec §6 step- and FLOP-based savings of `curve` against the baseline's final (smoothed) loss."""
+    """docs/lrkv.md §6 step- and FLOP-based savings of `curve` against the baseline's final (smoothed) loss."""
     target, total_steps = base[-1][1], base[-1][0]
     s_star = steps_to_reach(curve, target)
     if s_star is None:
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> str:
     plot_lm(rows, data, out / "loss_vs_flops_and_kv.png")
     report = [f"# Small replication (debug size, {args.steps} steps x 2048 tokens per variant, embedded corpus)\n",
               markdown_table(rows), "\n![loss](loss_vs_flops_and_kv.png)\n",
-              "\n## Head diversity of the trained models (spec §7)\n",
+              "\n## Head diversity of the trained models (docs/lrkv.md §7)\n",
               head_diversity.run([str(RunDir(runs[v]).export) for v in variants], variants, out / "head_diversity"),
               "\n![head diversity](head_diversity/head_diversity.png)\n"]
 

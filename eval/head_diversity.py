@@ -141,7 +141,8 @@ def run(exports: list[str], names: list[str] | None, out: Path, normalize: bool 
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     norm = "unit-norm operators" if normalize else "raw operator scale"
-    (out / "head_diversity.md").write_text(f"# Head diversity (docs/lrkv.md §7, centred Gram, {norm}; mean ± std over layers)\n\n{table}")
+    title = f"# Head diversity (docs/lrkv.md §7, centred Gram, {norm}; mean ± std over layers)"
+    (out / "head_diversity.md").write_text(f"{title}\n\n{table}")
     plot(results, out / "head_diversity.png")
     return table
 

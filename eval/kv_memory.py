@@ -73,7 +73,8 @@ def kv_rows(configs: list[tuple[str, ModelConfig]] | None = None) -> list[dict]:
         mha = formula_bytes_per_token(mha_equivalent(m))
         row = {"config": name, "attn": m.attn, "layers": m.n_layer, "bytes/token": measured, "formula": formula,
                "match": measured == formula, "% of MHA": 100.0 * measured / mha,
-               "x-cache bound %": 100.0 * m.d_model / (2 * m.n_head * m.dh)}  # caching the layer input (docs/lrkv.md §2, the x-cache bound)
+               # caching the layer input instead (docs/lrkv.md §2, the x-cache bound)
+               "x-cache bound %": 100.0 * m.d_model / (2 * m.n_head * m.dh)}
         row.update({f"GiB@{t // 1024}K": measured * t / 2**30 for t in CONTEXTS})
         rows.append(row)
     return rows

@@ -1,5 +1,5 @@
 """LRQK decoder settings: the budget (sinks + recent + top_k rows attended per step and stream), the selection
-policy that picks the top_k, and the low-rank proxy's knobs (spec lrqk.md §4); and the one way a command line
+policy that picks the top_k, and the low-rank proxy's knobs (docs/lrqk.md §4); and the one way a command line
 exposes them (add_lrqk_args, lrqk_config). Imports no torch: parsers use it before --help is answered."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 
 PRESETS = {"paper": (32, 2048, 64), "memory": (16, 1024, 32), "accuracy": (64, 4096, 128)}  # rank, top_k, recent
-# lrqk = the paper's low-rank proxy; the others are its peers (../shared/specs/peers.md), same budget and cache
+# lrqk = the paper's low-rank proxy; the others are its peers (docs/peers.md), same budget and cache
 POLICIES = ("lrqk", "exact", "streaming", "h2o", "quest", "loki")
 
 
 def context_top_k(length: int) -> int:
-    """The paper's advice (spec lrqk.md §4): 256 up to 4K tokens, 1024 up to 16K, 2048 beyond."""
+    """The paper's advice (docs/lrqk.md §4): 256 up to 4K tokens, 1024 up to 16K, 2048 beyond."""
     return 256 if length <= 4096 else 1024 if length <= 16384 else 2048
 
 
@@ -28,7 +28,7 @@ class LRQKConfig:
     prefill_iters: int = 2
     decode_iters: int = 2
     tol: float = 1e-2
-    # LRKV: "shared" (spec §7 P1) or "per_head" (P0). mha/gqa/mqa: per query head as the reference ("shared" or
+    # LRKV: "shared" (docs/lrqk.md §7 P1) or "per_head" (P0). mha/gqa/mqa: per query head as the reference ("shared" or
     # "per_head"), or "group": one proxy, selection and GPU slot set per KV head (each missing row moves once)
     proxy: str = "shared"
     gpu_capacity: int | None = None  # resident rows per pool stream; default top_k + recent + sinks

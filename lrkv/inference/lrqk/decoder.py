@@ -328,7 +328,7 @@ class LRQKDecoder:
         m = model.cfg
         geometry(m, cfg, 1)  # refuses unsupported attention types
         cfg.validate(m.dh)
-        expected = cache_layout(m)  # the plan is computed from the config: each module must lay its cache out so
+        expected = cache_layout(m)  # the plan is computed from the config: every module must lay its cache out so
         for i, block in enumerate(model.layers):
             attn = block.attn
             if attn.cache_layout != expected:

@@ -266,8 +266,8 @@ class LRQK(Policy):
         return torch.stack(scores, 1).reshape(lay.geo["pool"], -1, T)
 
     def step(self, q, k_t, kv, t):
-        # docs/lrqk.md §2: self score q_h . k_h,t, exact scores on the resident set Omega, q̂/k̂ solve, Kaczmarz updates of
-        # B_Q, B_K, and k̂ as the new A_K row
+        # docs/lrqk.md §2: self score q_h . k_h,t, exact scores on the resident set Omega, q̂/k̂ solve, Kaczmarz
+        # updates of B_Q, B_K, and k̂ as the new A_K row
         lay, cfg = self.layer, self.cfg
         B, H, _, D = q.shape
         qf = q[:, :, 0].float()
@@ -296,8 +296,8 @@ class LRQK(Policy):
 
 
 def _spans_keys(layer) -> bool:
-    """One A_K for several heads that have their own keys (lrkv's shared proxy, docs/lrqk.md §7 P1): it reconstructs the
-    key they share (the module's shared_key), not one head's."""
+    """One A_K for several heads that have their own keys (lrkv's shared proxy, docs/lrqk.md §7 P1): it
+    reconstructs the key they share (the module's shared_key), not one head's."""
     return layer.geo["heads"] > 1 and layer.geo["key_heads"] > 1
 
 
