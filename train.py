@@ -88,7 +88,7 @@ def train(cfg: Config, run: RunDir, resume: Resume, kwargs: dict, callbacks: tup
     L.seed_everything(cfg.train.seed, verbose=False)  # same initial weights on every rank and every try
 
     # ---- data, model, logging, checkpoints
-    data = LMData(cfg, run.path)
+    data = LMData(cfg, run)
     lit = LitLM(cfg)
     loggers = [CSVLogger(run.path, name=run.csv.name)] if cfg.log.csv else []  # a new version_N folder per (re)start
     if cfg.log.tensorboard:

@@ -53,3 +53,12 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def scatter_variants(ax, rows: list[dict], y: str, ylabel: str) -> None:
+    """One labelled point per variant: KV bytes per token against the column `y`."""
+    for r in rows:
+        ax.scatter(r["KV B/token"], r[y])
+        ax.annotate(r["variant"], (r["KV B/token"], r[y]))
+    ax.set_xlabel("KV cache bytes per token (bf16, all layers)")
+    ax.set_ylabel(ylabel)

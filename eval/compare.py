@@ -55,7 +55,7 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
     parser().parse_args()
 
 from eval import head_diversity  # noqa: E402
-from eval.common import VARIANTS, cli, markdown_table, plt, save_figure  # noqa: E402
+from eval.common import VARIANTS, cli, markdown_table, plt, save_figure, scatter_variants  # noqa: E402
 from eval.recall_study import MQARTask, mqar_study  # noqa: E402
 from lrkv.export import WEIGHTS_NAME, load_export  # noqa: E402
 from lrkv.inference.lrqk import LRQKConfig  # noqa: E402
@@ -176,15 +176,6 @@ def plot_lm(rows: list[dict], data: dict, out: Path) -> None:
     a.legend()
     scatter_variants(b, rows, "final val loss", "final validation loss")
     save_figure(fig, out)
-
-
-def scatter_variants(ax, rows: list[dict], y: str, ylabel: str) -> None:
-    """One labelled point per variant: KV bytes per token against the column `y`."""
-    for r in rows:
-        ax.scatter(r["KV B/token"], r[y])
-        ax.annotate(r["variant"], (r["KV B/token"], r[y]))
-    ax.set_xlabel("KV cache bytes per token (bf16, all layers)")
-    ax.set_ylabel(ylabel)
 
 
 # ---------------------------------------------------------------------------------------------------- main

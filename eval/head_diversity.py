@@ -39,6 +39,7 @@ from torch import Tensor  # noqa: E402
 from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from lrkv.export import load_export  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
+from lrkv.rundir import export_label  # noqa: E402
 
 OPERATORS = ("qk", "ov", "qk_query_only", "qk_key_only")
 TOP_K = (1, 2, 4)
@@ -132,7 +133,7 @@ def plot(results: dict[str, list[dict[str, dict[str, float]]]], path: Path) -> P
 
 
 def run(exports: list[str], names: list[str] | None, out: Path, normalize: bool = True) -> str:
-    names = names or [Path(e).parent.name if Path(e).name == "export" else Path(e).name for e in exports]
+    names = names or [export_label(e) for e in exports]
     results, rows = {}, []
     for name, export in zip(names, exports):
         model = load_export(export, dtype=torch.float64)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from eval.common import VARIANTS, plt, save_figure
+from eval.common import VARIANTS, plt, save_figure, scatter_variants
 from lrkv.config import load_config
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
 from lrkv.model import Transformer
@@ -123,12 +123,9 @@ def mqar_study(variants: list[str], task: MQARTask, steps: int, seeds: int, eval
     a.set_xlabel("training step")
     a.set_ylabel(f"held-out accuracy (%), mean of {seeds} seeds")
     a.legend()
-    for r in rows:  # one labelled point per variant, with its seeds' range
+    scatter_variants(b, rows, "MQAR acc %", "final token-pair recall accuracy (%), mean and seed range")
+    for r in rows:  # each variant's seed range
         kv, acc = r["KV B/token"], r["MQAR acc %"]
-        b.scatter(kv, acc)
-        b.annotate(r["variant"], (kv, acc))
         b.errorbar(kv, acc, yerr=[[acc - r["min %"]], [r["max %"] - acc]], fmt="none", ecolor="grey", capsize=3)
-    b.set_xlabel("KV cache bytes per token (bf16, all layers)")
-    b.set_ylabel("final token-pair recall accuracy (%), mean and seed range")
     save_figure(fig, out)
     return rows

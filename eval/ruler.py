@@ -77,6 +77,7 @@ from eval.long_context import answer_budget, corpus_speeches, encode, make_item,
 from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.lrqk import Lockstep, LRQKDecoder, memory_plan  # noqa: E402
 from lrkv.inference.lrqk.plan import geometry  # noqa: E402
+from lrkv.model import cache_layout  # noqa: E402
 
 
 def parse_method(spec: str, budget: int, base: LRQKConfig) -> tuple[str, LRQKConfig | None]:
@@ -113,9 +114,10 @@ def run_item(base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, m
     one model forward per step). Full attention is a fork that keeps every row resident (tested equal to the model's
     own cache). Per method: (new tokens, stats when its answer ended, decode seconds and batched steps, shared)."""
     logits = base.prefill(torch.tensor([ctx]), keep_prompt=True, logits_to_keep=1)
-    # group-shared slots where the model has KV groups: the same exact attention in a third of the pool memory
+    # one slot set per cache row stream: per KV head where heads share keys (GQA's groups, the same exact attention
+    # in a third of the pool memory), per row where every head's keys are rebuilt from it (lrkv)
     every_row = LRQKConfig(rank=1, top_k=base.max_context, recent=1, policy="streaming",
-                           proxy="group" if base.model.cfg.attn != "lrkv" else "shared")
+                           proxy="shared" if cache_layout(base.model.cfg).key_heads > 1 else "group")
     decoders = [base.fork(every_row if cfg is None else cfg) for _, cfg in methods]
     M = len(methods)
     lock, live = Lockstep(decoders), list(range(M))  # live: the methods still decoding, in batch order

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrkv.atomic import atomic_write
 from lrkv.config import Config, DataConfig
+from lrkv.rundir import RunDir
 from lrkv.tokenizer import eos_id, load_tokenizer, train_tokenizer
 
 SHAKESPEARE = "shakespeare"
@@ -154,15 +155,15 @@ def _source_fingerprint(cfg: DataConfig) -> list:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def build_cache(cfg: Config, run_dir: Path, world_size: int) -> None:
-    """tokenizer.json and the packed train/val streams in run_dir, rebuilt only when one of their inputs changed.
+def build_cache(cfg: Config, run: RunDir, world_size: int) -> None:
+    """tokenizer.json and the packed train/val streams in the run folder, rebuilt only when one of their inputs changed.
 
     meta.json lists every input (corpus files by size and mtime, vocabulary, split, the given tokenizer's hash)
     and is written last, so a cache is used only if it was completed for exactly these inputs.
     """
     d = cfg.data
-    out = run_dir / "data"
-    tok_path, meta_path = run_dir / "tokenizer.json", out / "meta.json"
+    out = run.data
+    tok_path, meta_path = run.tokenizer, out / "meta.json"
     given = None if d.tokenizer is None else load_tokenizer(d.tokenizer, cfg.model.vocab_size)
     tokens_needed = cfg.train.max_steps * cfg.train.grad_accum * cfg.train.micro_batch_size * world_size * d.seq_len
     meta = {"source": _source_fingerprint(d), "text_field": d.text_field, "text_sample_by": d.text_sample_by,
@@ -261,17 +262,17 @@ def val_split(tokens: np.ndarray, seq_len: int, batch_size: int, rank: int, worl
 class LMData(L.LightningDataModule):
     """prepare_data (global rank 0, others wait): tokenizer + cache; setup (every rank): memory-map the cache."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path):
+    def __init__(self, cfg: Config, run: RunDir):
         super().__init__()
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run = cfg, run
         self.prepare_data_per_node = False  # run dirs live on a filesystem every node sees
 
     def prepare_data(self) -> None:
-        build_cache(self.cfg, self.run_dir, self.trainer.world_size)
+        build_cache(self.cfg, self.run, self.trainer.world_size)
 
     def setup(self, stage: str) -> None:
-        self.train_tokens = np.load(self.run_dir / "data" / "train.npy", mmap_mode="r")
-        self.val_tokens = np.load(self.run_dir / "data" / "val.npy", mmap_mode="r")
+        self.train_tokens = np.load(self.run.data / "train.npy", mmap_mode="r")
+        self.val_tokens = np.load(self.run.data / "val.npy", mmap_mode="r")
 
     def train_dataloader(self) -> TrainBatches:
         t, tr = self.cfg.train, self.trainer

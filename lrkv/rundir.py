@@ -80,3 +80,9 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.path / "export"
+
+
+def export_label(export: str | Path) -> str:
+    """A short name for an export folder in tables and plots: its run's name when it is a run's export/."""
+    export = Path(export).resolve()  # "export" alone has a parent only once resolved
+    return export.parent.name if RunDir(export.parent).export == export else export.name

@@ -19,6 +19,7 @@ from eval.recall_study import MQARTask, mqar_accuracy, train_mqar
 from lrkv.config import ModelConfig, validate_model
 from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
 from lrkv.model import Transformer
+from lrkv.rundir import RunDir, export_label
 from lrkv.tokenizer import train_tokenizer
 
 VARIANTS = ("mha", "gqa", "mqa", "mla", "lrkv")
@@ -246,6 +247,14 @@ def test_mqa_and_zero_b_lrkv_have_exactly_zero_key_only_diversity():
     assert d["qk_key_only"]["erank"] > 1.0
     d = layer_diversity(Transformer(tiny("gqa")).layers[0].attn)  # 2 key groups: one centred dimension
     assert d["qk_key_only"]["erank"] == pytest.approx(1.0) and d["qk_key_only"]["pr"] == pytest.approx(1.0)
+
+
+def test_exports_are_labelled_by_their_run_unless_they_stand_alone(tmp_path, monkeypatch):
+    assert export_label(RunDir(tmp_path / "lrkv-run").export) == "lrkv-run"
+    assert export_label(tmp_path / "my-export") == "my-export"
+    (tmp_path / "lrkv-run").mkdir()
+    monkeypatch.chdir(tmp_path / "lrkv-run")
+    assert export_label("export") == "lrkv-run"  # relative: named from the resolved path
 
 
 # ---------------------------------------------------------------------------------------------------- perplexity
