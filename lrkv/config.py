@@ -55,7 +55,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     max_seq_len: int = 256  # longest sequence (RoPE, exports' model_max_length)
     init_std: float = 0.02  # normal init std of the projections (output projections scaled by 1/sqrt(2 n_layer))
-    attn_impl: str = "torch"  # torch (reference) | triton (fused kernel)
+    attn_impl: str = "torch"  # torch (reference) | rebuild (rebuild-once, lean backward) | triton (fused kernel)
 
     @property
     def dh(self) -> int:
@@ -318,7 +318,8 @@ def validate_model(m: ModelConfig) -> None:
         _require(m.mla_q_rank >= 0, "model.mla_q_rank", f"must be >= 0 (0 = direct query), got {m.mla_q_rank}")
         _require(m.mla_rope_dim > 0 and m.mla_rope_dim % 2 == 0, "model.mla_rope_dim",
                  f"must be a positive even number, got {m.mla_rope_dim}")
-    _require(m.attn_impl in ("torch", "triton"), "model.attn_impl", f"torch or triton, got '{m.attn_impl}'")
+    _require(m.attn_impl in ("torch", "rebuild", "triton"), "model.attn_impl",
+             f"torch, rebuild or triton, got '{m.attn_impl}'")
     _require(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
     if m.rope_scaling is not None:
         kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))

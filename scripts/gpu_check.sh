@@ -7,8 +7,9 @@
 #
 # Steps: bf16/fp16 tolerance and dB determinism tests of the fused kernel first (low precision has never run),
 # then the CUDA kernel tests, benchmarks/kernel.py (fused LRKV fwd+bwd vs SDPA MHA), 30-step lrkv_125m and
-# mha_125m training under DeepSpeed ZeRO-2 bf16 with the fused kernel (tokens/s, MFU, ratio), and
-# benchmarks/decode.py (MHA-full, LRKV-full, LRKV-LRQK at 8K-64K). A failing step is recorded and the next runs.
+# mha_125m training under DeepSpeed ZeRO-2 bf16 with the fused kernel (tokens/s, MFU, ratio), lrkv_125m again with
+# the rebuild-once op (attn_impl: rebuild), and benchmarks/decode.py (MHA-full, LRKV-full, LRKV-LRQK at 8K-64K).
+# A failing step is recorded and the next runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -28,12 +29,13 @@ CONTEXTS=8192,16384,32768,65536
 
 # name | time limit (s) | command
 STEPS=(
-  "low_precision|90|$PY -m pytest -q -x -m gpu tests/test_kernels.py"
-  "cuda_tests|60|$PY -m pytest -q tests/test_kernels.py tests/test_decode_kernel.py"
+  "low_precision|75|$PY -m pytest -q -x -m gpu tests/test_kernels.py tests/test_rebuild_once.py"
+  "cuda_tests|60|$PY -m pytest -q tests/test_kernels.py tests/test_rebuild_once.py tests/test_decode_kernel.py"
   "kernel_bench|100|$PY benchmarks/kernel.py --dtype bfloat16"
   "train_lrkv|60|$PY train.py --config lrkv_125m.yaml ${TRAIN[*]} --run.dir=$OUT/runs/lrkv_125m"
   "train_mha|60|$PY train.py --config mha_125m.yaml ${TRAIN[*]} --run.dir=$OUT/runs/mha_125m"
-  "decode_bench|90|$PY benchmarks/decode.py --device cuda --batch 8 --contexts $CONTEXTS --steps 16"
+  "train_rebuild|45|$PY train.py --config lrkv_125m.yaml ${TRAIN[*]} --model.attn_impl=rebuild --run.dir=$OUT/runs/lrkv_125m_rebuild"
+  "decode_bench|80|$PY benchmarks/decode.py --device cuda --batch 8 --contexts $CONTEXTS --steps 16"
 )
 
 field() { cut -d'|' -f"$2" <<< "$1"; }
@@ -58,9 +60,10 @@ if [ "$DRY" = 1 ]; then
   echo "total limit ${total} s; report: $OUT/gpu_check.md"
   # Each command must still parse here: config overrides resolve, scripts accept their flags, tests collect.
   fail=0
-  for cfg in lrkv_125m.yaml mha_125m.yaml; do
-    $PY -m lrkv.config --config "$cfg" "${TRAIN[@]}" --run.dir="$OUT/runs/x" > /dev/null \
-      || { echo "dry run: train.py overrides do not resolve for $cfg" >&2; fail=1; }
+  for s in "${STEPS[@]}"; do  # training steps: their overrides resolve
+    read -r _ script args <<< "$(field "$s" 3)"
+    [ "$script" = train.py ] || continue
+    $PY -m lrkv.config $args > /dev/null || { echo "dry run: train.py overrides do not resolve: $args" >&2; fail=1; }
   done
   for s in "${STEPS[@]}"; do  # benchmark scripts: every flag the step passes is in the script's --help
     read -r _ script args <<< "$(field "$s" 3)"
@@ -70,8 +73,8 @@ if [ "$DRY" = 1 ]; then
       grep -qE -- "$flag\b" <<< "$help" || { echo "dry run: $script has no $flag" >&2; fail=1; }
     done
   done
-  n=$($PY -m pytest -q --collect-only -m gpu tests/test_kernels.py 2>/dev/null | grep -c "::")
-  [ "$n" -gt 0 ] || { echo "dry run: no gpu tests collected in tests/test_kernels.py" >&2; fail=1; }
+  n=$($PY -m pytest -q --collect-only -m gpu tests/test_kernels.py tests/test_rebuild_once.py 2>/dev/null | grep -c "::")
+  [ "$n" -gt 0 ] || { echo "dry run: no gpu tests collected" >&2; fail=1; }
   [ "$fail" = 0 ] && echo "dry run ok: $n gpu tests collected, every command parses"
   exit "$fail"
 fi
@@ -94,7 +97,7 @@ for s in "${STEPS[@]}"; do
 done
 
 tps() { grep -E "tok/s/device" "$OUT/$1.log" | tail -n 1 | grep -oE "[0-9,]+ tok/s/device" | tr -d ', tok/sdevice'; }
-lrkv=$(tps train_lrkv); mha=$(tps train_mha)
+lrkv=$(tps train_lrkv); mha=$(tps train_mha); rebuild=$(tps train_rebuild)
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ), $($PY -c 'import torch; print(torch.cuda.get_device_name())'), $(git rev-parse --short HEAD)"
   echo
@@ -102,6 +105,7 @@ lrkv=$(tps train_lrkv); mha=$(tps train_mha)
   echo "|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   [ -n "$lrkv" ] && [ -n "$mha" ] && echo "| train lrkv/mha tokens/s | | | $(awk "BEGIN {printf \"%.3f\", $lrkv / $mha}") |"
+  [ -n "$rebuild" ] && [ -n "$mha" ] && echo "| train lrkv (rebuild)/mha tokens/s | | | $(awk "BEGIN {printf \"%.3f\", $rebuild / $mha}") |"
   for s in "${STEPS[@]}"; do
     name=$(field "$s" 1)
     printf '\n## %s\n\n```text\n%s\n```\n' "$name" "$(tail -n 60 "$OUT/$name.log")"

@@ -77,7 +77,7 @@ def test_resolved_config_round_trips_through_yaml():
         (["--data.seq_len=512"], "data.seq_len", "model.max_seq_len=256"),
         (["--train.warmup_steps=999"], "train.warmup_steps", "max_steps"),
         (["--strategy.name=fsdp"], "strategy.name", "deepspeed"),
-        (["--model.attn_impl=cuda"], "model.attn_impl", "torch or triton"),
+        (["--model.attn_impl=cuda"], "model.attn_impl", "torch, rebuild or triton"),
         (["--model.rope_scaling={rope_type: yarn}"], "model.rope_scaling.rope_type", "only 'llama3'"),
     ],
 )
