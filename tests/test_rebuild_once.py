@@ -104,6 +104,18 @@ def test_model_trains_the_same_as_with_the_reference():
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+def test_the_cuda_flash_path_plumbs_its_ops_on_the_meta_device():
+    """The meta device takes the CUDA branch (its ops have meta kernels): every argument of the flash forward and
+    backward is passed in its schema's place and type, and each gradient comes back in its input's shape."""
+    leaves, _, _ = make_inputs(2, 4, 128, 64, 16, 8, torch.bfloat16)
+    meta = [torch.empty_like(t, device="meta").requires_grad_() for t in leaves]
+    cos, sin = (torch.empty(128, 32, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    o = lrkv.kernels.rebuild_once._RebuildOnce.apply(*meta, cos, sin, True, None)
+    assert o.shape == (2, 4, 128, 64) and o.dtype == torch.bfloat16
+    grads = torch.autograd.grad(o, meta, torch.empty_like(o))
+    assert [g.shape for g in grads] == [t.shape for t in meta]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -32,20 +32,21 @@ def unavailable(q: torch.Tensor, tk: int, causal: bool, key_valid) -> str | None
 
 
 def _flash_forward(q, k, v, causal, scale):
-    """(out, saved for the backward): the output and whatever the device's flash backward needs besides q, k, v."""
+    """(out, lse, cuda): the output, its log-sum-exp and, on CUDA, what the flash backward needs besides them:
+    (cum_seq_q, cum_seq_k, seed, offset) tensors (some undefined, i.e. None) and (max_q, max_k) ints."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out, (lse,)
+        return out, lse, None
     out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
         q, k, v, 0.0, causal, False, scale=scale)
-    return out, (lse, cum_q, cum_k, max_q, max_k, seed, offset)
+    return out, lse, ((cum_q, cum_k, seed, offset), (max_q, max_k))
 
 
-def _flash_backward(do, q, k, v, out, saved, causal, scale):
-    if q.device.type == "cpu":
+def _flash_backward(do, q, k, v, out, lse, cuda, causal, scale):
+    if cuda is None:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, out, saved[0], 0.0, causal, scale=scale)
-    lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
+            do, q, k, v, out, lse, 0.0, causal, scale=scale)
+    (cum_q, cum_k, seed, offset), (max_q, max_k) = cuda
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale)
 
@@ -54,22 +55,22 @@ class _RebuildOnce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, causal, scale):
         k, v = lrkv_keys(k_s, z_k, b_k, cos, sin), lrkv_values(v_s, z_v, b_v)
-        out, saved = _flash_forward(q, k, v, causal, scale)
-        tensors = [t for t in saved if isinstance(t, torch.Tensor)]
-        ctx.save_for_backward(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, out, *tensors)
-        ctx.ints = [t for t in saved if not isinstance(t, torch.Tensor)]  # CUDA's max_q, max_k
+        out, lse, cuda = _flash_forward(q, k, v, causal, scale)
+        tensors, ctx.max_qk = cuda if cuda is not None else ((), None)
+        ctx.save_for_backward(q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, out, lse, *tensors)  # k, v freed here
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, out, *tensors = ctx.saved_tensors
-        saved = tensors if not ctx.ints else (*tensors[:3], *ctx.ints, *tensors[3:])
+        q, k_s, v_s, z_k, z_v, b_k, b_v, cos, sin, out, lse, *tensors = ctx.saved_tensors
+        cuda = None if ctx.max_qk is None else (tensors, ctx.max_qk)
         leaves = [t.detach().requires_grad_() for t in (k_s, v_s, z_k, z_v, b_k, b_v)]
         with torch.enable_grad():  # rebuild K_h, V_h with their graph, only for this backward
             k = lrkv_keys(leaves[0], leaves[2], leaves[4], cos, sin)
             v = lrkv_values(leaves[1], leaves[3], leaves[5])
-        dq, dk, dv = _flash_backward(do.contiguous(), q, k.detach(), v.detach(), out, saved, ctx.causal, ctx.scale)
+        dq, dk, dv = _flash_backward(do.contiguous(), q, k.detach(), v.detach(), out, lse, cuda, ctx.causal,
+                                     ctx.scale)
         d_ks, d_vs, d_zk, d_zv, d_bk, d_bv = torch.autograd.grad((k, v), leaves, (dk, dv))
         return dq, d_ks, d_vs, d_zk, d_zv, d_bk, d_bv, None, None, None, None
 
