@@ -29,17 +29,29 @@ import copy
 import dataclasses
 import gc
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from lrkv.inference.generator import DTYPES
 from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config
 
+ROOT = Path(__file__).resolve().parents[1]
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
 # RULER's tokens_to_generate per task; the decode stops earlier at EOS or once every answer could have been written
 GEN_CAP = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128, "vt": 30,
            "cwe": 120, "fwe": 50, "qa": 32}
 METHOD_POLICY = {"lrqk": "lrqk", "exact_topk": "exact", "quest": "quest", "loki": "loki", "h2o": "h2o",
                  "streaming": "streaming"}
+
+
+def shard(text: str) -> tuple[int, int]:
+    j, _, n = text.partition("/")
+    if not (j.isdigit() and n.isdigit() and int(j) < int(n)):
+        raise argparse.ArgumentTypeError(f"expected J/N with 0 <= J < N, got '{text}'")
+    return int(j), int(n)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,7 +71,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--start", type=int, default=0, help="first item index (to finish an interrupted run: items "
                                                          "start..n-1; merge the records with --report-only)")
     ap.add_argument("--recall", action="store_true", help="also measure recall@k of each policy vs exact top-k")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; with --jobs: split among them)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes, each decoding every jobs-th item (the decode loop is many small ops, so "
+                         "two 1-thread workers on 2 cores beat one 2-thread process); records merged in order")
+    ap.add_argument("--shard", type=shard, metavar="J/N", help="only items J, J+N, J+2N, ... (what --jobs runs)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="weights and KV rows (bf16: ~3x faster prefill on CPUs with AMX/avx512_bf16; default fp32)")
     ap.add_argument("--out", default="reports/ruler",
                     help="report folder: ruler.md, ruler_accuracy.png, records.jsonl, settings.json")
     ap.add_argument("--report-only", nargs="+", metavar="RECORDS",
@@ -154,45 +172,45 @@ def resident_bytes(model, cfg: LRQKConfig | None, length: int) -> int:
 
 
 def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log=print,
-             sink: Path | None = None, start: int = 0) -> list[dict]:
+             sink: Path | None = None, start: int = 0, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """One row per (length, task, method, item): score, generated text, bytes, time; each item's rows are also
-    appended to `sink` (JSON lines) as soon as they exist, so an interrupted run keeps what it measured."""
+    appended to `sink` (JSON lines) as soon as they exist, so an interrupted run keeps what it measured.
+    shard (j, N): only the j-th of every N items in (length, task, item) order."""
     records = []
-    for length in lengths:
-        for task in tasks:
-            for i in range(start, n):
-                cap = GEN_CAP[task]
-                item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
-                cap = min(cap, answer_budget(tok, item))
-                ctx, question = encode(tok, item.context), encode(tok, item.question)
-                base = LRQKDecoder(model, LRQKConfig(rank=1, top_k=1, recent=1, policy="streaming"),
-                                   max_context=len(ctx) + len(question) + cap + 1)
-                t0 = time.perf_counter()
-                results = run_item(base, ctx, question, cap, methods, eos)
-                del base
-                gc.collect()  # decoder layers and policies reference each other: free their tensors per item
-                line = []
-                for label, cfg in methods:
-                    tokens, stats, seconds, batch_steps = results[label]
-                    text = tok.decode(tokens)
-                    steps = max(stats["steps"], 1)
-                    row_bytes = 2 * geometry(model_cfg, cfg, 1)["row"] if cfg is not None else 0
-                    rec = {"length": length, "task": task, "item": i, "method": label,
-                           "prompt": len(ctx) + len(question),
-                           "score": 100.0 * string_match_all(text, item.answers), "output": text,
-                           "answers": item.answers, "gpu_bytes": resident_bytes(model, cfg, len(ctx) + len(question)),
-                           "h2d_per_step": stats["misses"] * row_bytes / steps,
-                           "h2d_no_cache_per_step": stats["selections"] * row_bytes / steps,
-                           "decode_s": seconds, "steps": stats["steps"], "batch_steps": batch_steps}
-                    if "recall" in stats:
-                        rec["recall"] = stats["recall"]
-                    records.append(rec)
-                    line.append(f"{label} {rec['score']:.0f}")
-                if sink is not None:
-                    with sink.open("a") as f:
-                        f.writelines(json.dumps(r) + "\n" for r in records[-len(methods):])
-                log(f"[{length} {task} #{i}] prompt {len(ctx) + len(question)} tok, {time.perf_counter() - t0:.1f} s: "
-                    + ", ".join(line), flush=True)
+    order = [(length, task, i) for length in lengths for task in tasks for i in range(start, n)]
+    for length, task, i in order[shard[0]::shard[1]]:
+        cap = GEN_CAP[task]
+        item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
+        cap = min(cap, answer_budget(tok, item))
+        ctx, question = encode(tok, item.context), encode(tok, item.question)
+        base = LRQKDecoder(model, LRQKConfig(rank=1, top_k=1, recent=1, policy="streaming"),
+                           max_context=len(ctx) + len(question) + cap + 1)
+        t0 = time.perf_counter()
+        results = run_item(base, ctx, question, cap, methods, eos)
+        del base
+        gc.collect()  # decoder layers and policies reference each other: free their tensors per item
+        line = []
+        for label, cfg in methods:
+            tokens, stats, seconds, batch_steps = results[label]
+            text = tok.decode(tokens)
+            steps = max(stats["steps"], 1)
+            row_bytes = 2 * geometry(model_cfg, cfg, 1)["row"] if cfg is not None else 0
+            rec = {"length": length, "task": task, "item": i, "method": label,
+                   "prompt": len(ctx) + len(question),
+                   "score": 100.0 * string_match_all(text, item.answers), "output": text,
+                   "answers": item.answers, "gpu_bytes": resident_bytes(model, cfg, len(ctx) + len(question)),
+                   "h2d_per_step": stats["misses"] * row_bytes / steps,
+                   "h2d_no_cache_per_step": stats["selections"] * row_bytes / steps,
+                   "decode_s": seconds, "steps": stats["steps"], "batch_steps": batch_steps}
+            if "recall" in stats:
+                rec["recall"] = stats["recall"]
+            records.append(rec)
+            line.append(f"{label} {rec['score']:.0f}")
+        if sink is not None:
+            with sink.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records[-len(methods):])
+        log(f"[{length} {task} #{i}] prompt {len(ctx) + len(question)} tok, {time.perf_counter() - t0:.1f} s: "
+            + ", ".join(line), flush=True)
     return records
 
 
@@ -273,20 +291,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for _, cfg in methods:
         if cfg is not None:
             cfg.validate(model_cfg.dh)
-    model = export.model()
-    if "qa" in tasks:
-        corpus_speeches()  # parse the corpus up front, not in the middle of a long run
+    lengths = [int(x) for x in args.lengths.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "records.jsonl").unlink(missing_ok=True)
     t0 = time.time()
-    records = evaluate(model, tok, model_cfg, tasks, [int(x) for x in args.lengths.split(",")], args.n, methods, eos,
-                       args.seed, sink=out / "records.jsonl", start=args.start)
+    if args.jobs > 1 and args.shard is None:
+        records = run_jobs(sys.argv[1:] if argv is None else argv, args, out)
+        order = {key: n for n, key in enumerate((length, task) for length in lengths for task in tasks)}
+        records.sort(key=lambda r: (order[r["length"], r["task"]], r["item"], specs.index(r["method"])))
+        (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        model = export.model(dtype=DTYPES[args.dtype])
+        if "qa" in tasks:
+            corpus_speeches()  # parse the corpus up front, not in the middle of a long run
+        records = evaluate(model, tok, model_cfg, tasks, lengths, args.n, methods, eos, args.seed,
+                           sink=out / "records.jsonl", start=args.start, shard=args.shard or (0, 1))
+        if args.shard:  # a worker of --jobs: the parent writes the report
+            return records
     wall = time.time() - t0
     settings = {label: (dataclasses.asdict(cfg) if cfg else "full") for label, cfg in methods}
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
     return write_report(records, specs, out, f"`{args.export}`, budget {args.budget} rows/step (sinks {args.sinks}, "
-                                             f"recent {args.recent}), rank {args.rank}, wall {wall / 60:.1f} min")
+                                             f"recent {args.recent}), rank {args.rank}, {args.dtype}, "
+                                             f"{args.jobs} job(s), wall {wall / 60:.1f} min")
+
+
+def run_jobs(argv: list[str], args, out: Path) -> list[dict]:
+    """--jobs N: this command N times, worker j on items j, j+N, ... with its share of the threads, writing to
+    OUT/shard<j>/records.jsonl; returns their records (an item's rows do not depend on which worker decoded it)."""
+    each = max(1, (args.threads or torch.get_num_threads()) // args.jobs)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    folders = [out / f"shard{j}" for j in range(args.jobs)]
+    workers = [subprocess.Popen([sys.executable, "-m", "eval.ruler", *argv, "--jobs", "1", "--shard",
+                                 f"{j}/{args.jobs}", "--threads", str(each), "--out", str(folder)], env=env)
+               for j, folder in enumerate(folders)]
+    try:
+        failed = [j for j, w in enumerate(workers) if w.wait() != 0]
+    finally:
+        for w in workers:
+            w.kill()  # a no-op for a finished worker; stops the others if the parent is interrupted
+    if failed:
+        raise RuntimeError(f"eval.ruler worker(s) {failed} failed; what they measured is in "
+                           f"{', '.join(str(folders[j] / 'records.jsonl') for j in failed)}")
+    return [json.loads(line) for folder in folders for line in (folder / "records.jsonl").read_text().splitlines()
+            if line]
 
 
 def write_report(records: list[dict], specs: list[str], out: Path, about: str) -> list[dict]:

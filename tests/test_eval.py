@@ -398,6 +398,35 @@ def test_ruler_methods_that_stop_leave_the_batch_without_changing_the_others(tok
 
 
 
+def test_ruler_jobs_split_the_items_and_merge_the_same_records_as_one_process(tok, tmp_path):
+    from eval.ruler import main as ruler_main
+    from eval.ruler import parser as ruler_parser
+    from lrkv.export import save_export
+
+    torch.manual_seed(0)
+    model = Transformer(tiny("gqa", max_seq_len=512))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    export = save_export(model.state_dict(), model.cfg, tmp_path / "export", tmp_path / "tokenizer.json")
+    run = ["--export", str(export), "--lengths", "400", "--tasks", "niah_single,niah_multikey", "--n", "2", "--budget", "24",
+           "--methods", "full,lrqk,h2o", "--rank", "4", "--recent", "8", "--sinks", "2", "--dtype", "bf16"]
+    one = ruler_main(run + ["--out", str(tmp_path / "one")])
+    two = ruler_main(run + ["--jobs", "2", "--out", str(tmp_path / "two")])
+    assert {r["item"] for r in _read_jsonl(tmp_path / "two" / "shard1" / "records.jsonl")} == {1}  # items 1 and 3
+    untimed = [[{k: v for k, v in r.items() if k != "decode_s"} for r in rs] for rs in (one, two)]
+    assert len(untimed[0]) == 12 and untimed[0] == untimed[1]
+    assert _read_jsonl(tmp_path / "two" / "records.jsonl") == two
+    assert "2 job(s)" in (tmp_path / "two" / "ruler.md").read_text()
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(SystemExit):
+            ruler_parser().parse_args(["--shard", bad])
+
+
+def _read_jsonl(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_ruler_report_only_merges_record_files_without_an_export(tmp_path):
     import json
 
