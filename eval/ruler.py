@@ -171,14 +171,18 @@ def resident_bytes(model, cfg: LRQKConfig | None, length: int) -> int:
     return memory_plan(model.cfg, cfg, 1, length, torch.bfloat16).gpu_bytes
 
 
+def item_order(lengths, tasks, start: int, n: int) -> list[tuple[int, str, int]]:
+    """(length, task, item) in the order a run decodes and reports them."""
+    return [(length, task, i) for length in lengths for task in tasks for i in range(start, n)]
+
+
 def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log=print,
              sink: Path | None = None, start: int = 0, shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """One row per (length, task, method, item): score, generated text, bytes, time; each item's rows are also
     appended to `sink` (JSON lines) as soon as they exist, so an interrupted run keeps what it measured.
     shard (j, N): only the j-th of every N items in (length, task, item) order."""
     records = []
-    order = [(length, task, i) for length in lengths for task in tasks for i in range(start, n)]
-    for length, task, i in order[shard[0]::shard[1]]:
+    for length, task, i in item_order(lengths, tasks, start, n)[shard[0]::shard[1]]:
         cap = GEN_CAP[task]
         item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
         cap = min(cap, answer_budget(tok, item))
@@ -298,8 +302,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.time()
     if args.jobs > 1 and args.shard is None:
         records = run_jobs(sys.argv[1:] if argv is None else argv, args, out)
-        order = {key: n for n, key in enumerate((length, task) for length in lengths for task in tasks)}
-        records.sort(key=lambda r: (order[r["length"], r["task"]], r["item"], specs.index(r["method"])))
+        rank = {key: n for n, key in enumerate(item_order(lengths, tasks, args.start, args.n))}
+        records.sort(key=lambda r: (rank[r["length"], r["task"], r["item"]], specs.index(r["method"])))
         (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     else:
         model = export.model(dtype=DTYPES[args.dtype])

@@ -407,8 +407,9 @@ def test_ruler_jobs_split_the_items_and_merge_the_same_records_as_one_process(to
     model = Transformer(tiny("gqa", max_seq_len=512))
     tok.save(str(tmp_path / "tokenizer.json"))
     export = save_export(model.state_dict(), model.cfg, tmp_path / "export", tmp_path / "tokenizer.json")
-    run = ["--export", str(export), "--lengths", "400", "--tasks", "niah_single,niah_multikey", "--n", "2", "--budget", "24",
-           "--methods", "full,lrqk,h2o", "--rank", "4", "--recent", "8", "--sinks", "2", "--dtype", "bf16"]
+    run = ["--export", str(export), "--lengths", "400", "--tasks", "niah_single,niah_multikey", "--n", "2",
+           "--budget", "24", "--methods", "full,lrqk,h2o", "--rank", "4", "--recent", "8", "--sinks", "2",
+           "--dtype", "bf16"]
     one = ruler_main(run + ["--out", str(tmp_path / "one")])
     two = ruler_main(run + ["--jobs", "2", "--out", str(tmp_path / "two")])
     assert {r["item"] for r in _read_jsonl(tmp_path / "two" / "shard1" / "records.jsonl")} == {1}  # items 1 and 3

@@ -79,7 +79,8 @@ def test_gpu_check_dry_run_parses_every_step():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     steps = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("step ")]
-    assert steps == ["low_precision", "cuda_tests", "kernel_bench", "train_lrkv", "train_mha", "train_rebuild", "decode_bench"]
+    assert steps == ["low_precision", "cuda_tests", "kernel_bench", "train_lrkv", "train_mha", "train_rebuild",
+                     "decode_bench"]
     assert "dry run ok" in out.stdout
 
 

@@ -492,7 +492,8 @@ def test_h2o_accumulates_prompt_attention_and_never_brings_back_an_evicted_token
         tok = dec.prefill(idx)[:, -1:].argmax(-1)
         block = model.layers[0]
         q, k, _ = scratch_qkv(block.attn, block.attn_norm(model.embed(idx)), torch.arange(30))
-        p = ((q.float() @ k.float().mT) / 4).masked_fill(~torch.ones(30, 30, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        causal = torch.ones(30, 30, dtype=torch.bool).tril()
+        p = ((q.float() @ k.float().mT) / 4).masked_fill(~causal, float("-inf")).softmax(-1)
         seeded = dec.state.layers[0].policy.acc[:, :30].clone()
         dropped = [set() for _ in range(4)]
         for _ in range(10):
