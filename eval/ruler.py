@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-from lrkv.inference.generator import DTYPES
 from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +42,7 @@ RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multique
 # RULER's tokens_to_generate per task; the decode stops earlier at EOS or once every answer could have been written
 GEN_CAP = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128, "vt": 30,
            "cwe": 120, "fwe": 50, "qa": 32}
+DTYPE_NAMES = ("bf16", "fp32")  # generator.DTYPES' keys, spelled here so --help needs no torch (tests/test_cli.py)
 METHOD_POLICY = {"lrqk": "lrqk", "exact_topk": "exact", "quest": "quest", "loki": "loki", "h2o": "h2o",
                  "streaming": "streaming"}
 
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
                     help="worker processes, each decoding every jobs-th item (the decode loop is many small ops, so "
                          "two 1-thread workers on 2 cores beat one 2-thread process); records merged in order")
     ap.add_argument("--shard", type=shard, metavar="J/N", help="only items J, J+N, J+2N, ... (what --jobs runs)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                     help="weights and KV rows (bf16: ~3x faster prefill on CPUs with AMX/avx512_bf16; default fp32)")
     ap.add_argument("--out", default="reports/ruler",
                     help="report folder: ruler.md, ruler_accuracy.png, records.jsonl, settings.json")
@@ -93,6 +93,7 @@ import torch  # noqa: E402
 from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from eval.long_context import answer_budget, corpus_speeches, encode, make_item, string_match_all  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
+from lrkv.inference.generator import DTYPES  # noqa: E402
 from lrkv.inference.lrqk import Lockstep, LRQKDecoder, memory_plan  # noqa: E402
 from lrkv.inference.lrqk.plan import geometry  # noqa: E402
 from lrkv.model import cache_layout  # noqa: E402

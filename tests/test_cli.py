@@ -107,13 +107,14 @@ def code_choices() -> dict[str, list[str]]:
         "eval run": [braces(sorted(SUITES))],
         "eval.compare": [f"(default {','.join(VARIANTS)})"],
         "eval.long_context": [", ".join(TASKS)],
+        "eval.ruler": [braces(sorted(DTYPES))],
         "benchmarks/decode.py": [braces(sorted(DTYPES)), braces(sorted(PRESETS))],
         "benchmarks/kernel_aot.py": [braces(sorted(SMEM_LIMIT))],
     }
 
 
 @pytest.mark.parametrize("name", ["lrkv.generate", "lrkv.convert_hf", "eval run", "eval.compare", "eval.long_context",
-                                  "benchmarks/decode.py", "benchmarks/kernel_aot.py"])
+                                  "eval.ruler", "benchmarks/decode.py", "benchmarks/kernel_aot.py"])
 def test_help_offers_the_choices_the_code_defines(name):
     out = " ".join(help_of(name).stdout.split())  # argparse wraps lines at spaces
     for text in code_choices()[name]:
