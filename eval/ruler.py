@@ -73,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--recall", action="store_true", help="also measure recall@k of each policy vs exact top-k")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; with --jobs: split among them)")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="worker processes, each decoding every jobs-th item (the decode loop is many small ops, so "
-                         "two 1-thread workers on 2 cores beat one 2-thread process); records merged in order")
+                    help="worker processes, each decoding every jobs-th item with its share of the threads (the "
+                         "decode loop is many small ops that one process does not spread over cores); records "
+                         "merged in order")
     ap.add_argument("--shard", type=shard, metavar="J/N", help="only items J, J+N, J+2N, ... (what --jobs runs)")
     ap.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32",
                     help="weights and KV rows (bf16: ~3x faster prefill on CPUs with AMX/avx512_bf16; default fp32)")

@@ -125,7 +125,7 @@ class H2O(Policy):
         rows = max(1, self.CHUNK_ELEMENTS // (H * T))
         for start in range(0, T, rows):
             end = min(start + rows, T)
-            # the product in the model's dtype (bf16 on AMX CPUs: ~4x faster than fp32), the softmax in fp32
+            # the product in the model's dtype (bf16 runs on AMX/avx512_bf16 CPUs' matrix units), the softmax in fp32
             s = (q[:, :, start:end].unflatten(1, (Hk, -1)) @ k[:, :, None, :end].mT).float() / math.sqrt(D)
             s[..., start:].masked_fill_(~torch.ones(end - start, end - start, dtype=torch.bool,
                                                     device=q.device).tril(), float("-inf"))
