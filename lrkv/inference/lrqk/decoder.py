@@ -121,8 +121,10 @@ class LRQKLayer(LayerCache):
     @staticmethod
     def qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Scores q (B, H, m, D) . k (B, Hk, n, D) -> (B, H, m, n) fp32; query head h reads key head h // (H / Hk)."""
-        B, H = q.shape[:2]
-        return (q.float().unflatten(1, (k.shape[1], -1)) @ k.float()[:, :, None].mT).flatten(1, 2)
+        B, H, m, D = q.shape
+        Hk = k.shape[1]
+        # a group's query heads as rows of one matmul per KV head: broadcasting k over them would copy k per head
+        return (q.float().reshape(B, Hk, H // Hk * m, D) @ k.float().mT).view(B, H, m, -1)
 
     def streams(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, ...) per-head tensor -> (pool streams, heads per stream, ...)."""
