@@ -172,9 +172,8 @@ class SlotPool:
         from_device = ~missed
         self.slots[s_idx[from_device], new_slots[from_device]] = fresh_rows[s_idx[from_device], j_idx[from_device] - K]
         self.clock += 1
-        active = torch.zeros(S, C + 1, dtype=torch.bool, device=ids.device)
-        active.scatter_(1, torch.where(ok, self.slot_of.gather(1, safe).long(), C), True)
-        active = active[:, :C]
+        active = keep  # the hits' slots, plus where the needed tokens landed (ids are distinct within a stream)
+        active[s_idx, new_slots] = True
         self.last_used = torch.where(active, self.clock, self.last_used)
         n_miss = missed.sum()  # counters stay on the device; the decoder reads them once per step
         counts = {"hits": hit[:, kept:K].sum(), "misses": n_miss, "selections": wanted_ok[:, kept:].sum(),

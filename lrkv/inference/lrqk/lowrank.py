@@ -74,10 +74,10 @@ def decode_solve(q: torch.Tensor, s_self: torch.Tensor, k_rec: torch.Tensor, s_o
     """docs/lrqk.md §2 step 2 with h heads sharing k̂ (lambda1 = lambda2 = 1). q (N, h, D); s_self (N, h) = q_h . k_h,t;
     k_rec (N, D); s_omega (N, h, C) exact scores on resident tokens, a_omega (N, C, r) their A_K rows (zero rows
     for empty slots). Returns q̂ (N, h, r), k̂ (N, r)."""
-    k_hat = _solve_right((k_rec[:, None] @ b_k.mT), b_k @ b_k.mT)  # (N, 1, r)
+    k_base, mk_base = k_rec[:, None] @ b_k.mT, b_k @ b_k.mT
+    k_hat = _solve_right(k_base, mk_base)  # (N, 1, r)
     q_base = torch.einsum("nhd,nhrd->nhr", q, b_q) + s_omega @ a_omega
     m_base = b_q @ b_q.mT + (a_omega.mT @ a_omega)[:, None]
-    k_base, mk_base = k_rec[:, None] @ b_k.mT, b_k @ b_k.mT
     # the early stop (k̂ moved less than tol) is a device flag that freezes the iterates: no host sync per step
     running, q_hat = torch.ones((), dtype=torch.bool, device=q.device), None
     for _ in range(iters):

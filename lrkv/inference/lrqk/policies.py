@@ -37,9 +37,15 @@ from lrkv.inference.lrqk.plan import QUEST_PAGE
 def select_top_k(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scores (S, m, L) per head, candidate (S, L) bool -> ids (S, k'), ok (S, k') of the top-k tokens by
     max_h (s_h(j) - max_j' s_h(j')) over candidates (docs/lrqk.md §7; with m = 1 plain per-head top-k)."""
-    neg = torch.finfo(scores.dtype).min
-    s = scores.masked_fill(~candidate[:, None], neg)
-    s = (s - s.amax(-1, keepdim=True)).amax(1).masked_fill(~candidate, float("-inf"))
+    if k >= scores.shape[-1]:  # every candidate fits (e.g. full attention as a policy): no ranking needed
+        ids = torch.arange(scores.shape[-1], device=scores.device).expand_as(candidate)
+        return torch.where(candidate, ids, -1), candidate
+    if scores.shape[1] == 1:  # one head: subtracting its max changes no ranking
+        s = scores[:, 0].masked_fill(~candidate, float("-inf"))
+    else:
+        neg = torch.finfo(scores.dtype).min
+        s = scores.masked_fill(~candidate[:, None], neg)
+        s = (s - s.amax(-1, keepdim=True)).amax(1).masked_fill(~candidate, float("-inf"))
     vals, ids = s.topk(min(k, s.shape[-1]), dim=-1)
     ok = vals > float("-inf")
     return torch.where(ok, ids, -1), ok
