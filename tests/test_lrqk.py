@@ -13,6 +13,7 @@ from lrkv.inference.cache import HostToDevice, RowStore, SlotPool
 from lrkv.inference.full import FullDecoder
 from lrkv.inference.lrqk import (LRQKConfig, LRQKDecoder, MemoryPlanError, als_factorize, als_objective,
                                  decode_solve, kaczmarz)
+from lrkv.inference.lrqk.policies import select_top_k
 from lrkv.kernels.reference import rope
 from lrkv.model import Transformer, rope_tables
 
@@ -166,6 +167,22 @@ def test_oracle_selection_equals_scratch_exact_top_k(attn, proxy):
         full = greedy(FullDecoder(model), idx, None, 10)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     assert (ours[:, -10:] - full[:, -10:]).abs().max() > 1e-3  # the selection really drops keys
+
+
+@pytest.mark.parametrize("heads, k", [(1, 5), (3, 5), (1, 40), (3, 40)])
+def test_select_top_k_against_a_per_stream_sort(heads, k):
+    # per stream, the k candidates with the highest max over heads of (score - that head's max over candidates),
+    # ranked here by a plain sort; k = 40 covers all 30 positions (every candidate, no ranking)
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, heads, 30, generator=g)
+    candidate = torch.rand(4, 30, generator=g) > 0.4
+    ids, ok = select_top_k(scores, candidate, k)
+    for s in range(4):
+        cand = candidate[s].nonzero()[:, 0]
+        shifted = scores[s][:, cand] - scores[s][:, cand].amax(-1, keepdim=True)
+        want = cand[shifted.amax(0).argsort(descending=True)[:k]]
+        assert set(ids[s][ok[s]].tolist()) == set(want.tolist())
+        assert (ids[s][~ok[s]] == -1).all() and int(ok[s].sum()) == min(k, len(cand))
 
 
 # ------------------------------------------------------------------------------------------ 3. invariants

@@ -109,7 +109,7 @@ class Streaming(Policy):
 
 class H2O(Policy):
     wants_weights = True
-    CHUNK_ELEMENTS = 2**22  # scores held at once by the prefill: 16 MiB fp32 (2**24 fell out of cache: 2.7x slower)
+    CHUNK_ELEMENTS = 2**22  # scores held at once by the prefill: 16 MiB fp32 (2**24 fell out of cache: 2x slower)
 
     def __init__(self, layer, capacity):
         super().__init__(layer, capacity)
