@@ -126,14 +126,15 @@ class H2O(Policy):
         # scores: chunk c only scores keys [0, end of c) (the causal half) and the group's heads share one key read
         B, H, T, D = q.shape
         Hk = k.shape[1]
-        real = keep > 0
-        acc = q.new_zeros(B, Hk, H // Hk, T, dtype=torch.float32)
+        group, real = H // Hk, keep > 0
+        acc = q.new_zeros(B, Hk, group, T, dtype=torch.float32)
         rows = max(1, self.CHUNK_ELEMENTS // (H * T))
-        # the product in the model's dtype (bf16 runs on AMX/avx512_bf16 CPUs' matrix units), the softmax in fp32
-        q_scaled, k_t = (q / math.sqrt(D)).unflatten(1, (Hk, -1)), k.mT[:, :, None]
+        # the product in the model's dtype (bf16 runs on AMX/avx512_bf16 CPUs' matrix units), the softmax in fp32;
+        # a group's query rows in one matmul per KV head, as LRQKLayer.qk does (broadcasting k would copy it per head)
+        q_scaled, k_t = q / math.sqrt(D), k.mT
         for start in range(0, T, rows):
             end = min(start + rows, T)
-            s = q_scaled[:, :, :, start:end] @ k_t[..., :end]
+            s = (q_scaled[:, :, start:end].reshape(B, Hk, -1, D) @ k_t[..., :end]).view(B, Hk, group, end - start, end)
             s[..., start:].masked_fill_(~torch.ones(end - start, end - start, dtype=torch.bool,
                                                     device=q.device).tril(), float("-inf"))
             if self.layer.owner.padded:
