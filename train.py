@@ -44,7 +44,6 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from tokenizers import Tokenizer
 
 from lrkv.atomic import DiskFullError
 from lrkv.callbacks import (LossCurve, NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint, RunMetrics,
@@ -58,7 +57,7 @@ from lrkv.inference.generator import Generator
 from lrkv.lit import CheckpointMismatchError, LitLM
 from lrkv.rundir import RunDir
 from lrkv.strategy import trainer_kwargs
-from lrkv.tokenizer import TokenizerError, eos_id
+from lrkv.tokenizer import TokenizerError, eos_id, load_tokenizer
 
 USER_ERRORS = (ConfigError, RunDirError, DamagedCheckpointError, DataError, TokenizerError, CheckpointMismatchError,
                NonFiniteLossError, DiskFullError)
@@ -141,7 +140,7 @@ def train(cfg: Config, run: RunDir, resume: Resume, kwargs: dict, callbacks: tup
     elif cfg.run.export:
         save_export(lit.model.state_dict(), cfg.model, run.export, run.tokenizer)
     model = load_export(run.export, device=lit.device) if cfg.run.export else lit.model.float().eval()
-    tok = Tokenizer.from_file(str(run.tokenizer))
+    tok = load_tokenizer(run.tokenizer, cfg.model.vocab_size)
     sample = Generator(model, tok, eos=[eos_id(tok)]).generate([cfg.run.sample_prompt], cfg.run.sample_tokens)[0]
     (first_step, first), (last_step, last) = curve.train[0], curve.train[-1]
     print(f"\n--- sample (greedy) ---\n{cfg.run.sample_prompt}{sample.text}\n---")

@@ -42,8 +42,8 @@ def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def load_tokenizer(path: str | Path, vocab_size: int, require_eos: bool = True) -> Tokenizer:
-    """Load a tokenizer.json and check it fits a model with `vocab_size` embeddings and (for training, where it
-    separates packed documents) has the EOS token."""
+    """Load a tokenizer.json, as transformers uses it, and check it fits a model with `vocab_size` embeddings and
+    (for training, where it separates packed documents) has the EOS token."""
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer file not found")
@@ -51,6 +51,10 @@ def load_tokenizer(path: str | Path, vocab_size: int, require_eos: bool = True) 
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from e
+    # save_pretrained keeps the truncation/padding of the last transformers call; transformers resets both on every
+    # call, and kept here they would cut a prompt or document to max_length or pad a short one with EOS
+    tok.no_truncation()
+    tok.no_padding()
     n = tok.get_vocab_size()
     if n > vocab_size:
         raise TokenizerError(f"{path}: tokenizer has {n} tokens but model.vocab_size is {vocab_size}; "

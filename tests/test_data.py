@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from lrkv.config import DataConfig
 from lrkv.data import DataError, TrainBatches, documents, pack, shakespeare_files, split_documents, val_split
@@ -43,6 +44,22 @@ def test_load_tokenizer_rejects_vocab_mismatch_and_bad_file(tok, tmp_path):
     bad.write_text("{not json")
     with pytest.raises(TokenizerError, match="bad.json"):
         load_tokenizer(bad, 400)
+
+
+def test_load_tokenizer_drops_saved_truncation_and_padding(tok, tmp_path):
+    """save_pretrained keeps the last call's truncation/padding in tokenizer.json; transformers resets them per call."""
+    saved = Tokenizer.from_str(tok.to_str())
+    saved.enable_truncation(max_length=64)
+    saved.enable_padding(length=32, pad_id=tok.token_to_id(EOS), pad_token=EOS)
+    path = tmp_path / "tokenizer.json"
+    saved.save(str(path))
+    data = json.loads(path.read_text())
+    assert data["truncation"]["max_length"] == 64 and data["padding"]["strategy"] == {"Fixed": 32}
+    loaded = load_tokenizer(path, 400)
+    long_text, short = " ".join(DOCS) * 20, "ROMEO:"
+    assert len(tok.encode(long_text).ids) > 64 and len(tok.encode(short).ids) < 32
+    assert loaded.encode(long_text).ids == tok.encode(long_text).ids
+    assert loaded.encode(short).ids == tok.encode(short).ids
 
 
 def test_pack_is_each_document_then_eos(tok):

@@ -12,6 +12,7 @@ import torch
 
 from lrkv.config import ModelConfig, validate_model
 from lrkv.export import save_export
+from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from lrkv.generate import lrqk_config, main, parse_args
@@ -154,6 +155,21 @@ def test_generation_config_eos_ids_are_stop_tokens(exports, tmp_path, tokenizer_
     gen = Generator.from_checkpoint(out)
     assert gen.eos == sorted({gen.tokenizer.token_to_id(EOS), first[2], 5})
     assert gen.generate([PROMPTS[0]], max_new_tokens=8)[0].tokens == first[: first.index(first[2]) + 1]
+
+
+def test_tokenizer_saved_with_truncation_and_padding_encodes_prompts_whole(exports, tmp_path, tokenizer_file):
+    """open_export (lrkv.generate, eval.perplexity, eval.ruler) drops the truncation/padding a saved tokenizer kept."""
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    saved = tmp_path / "tokenizer.json"
+    tok.enable_truncation(max_length=64)
+    tok.enable_padding(length=32, pad_id=tok.token_to_id(EOS), pad_token=EOS)
+    tok.save(str(saved))
+    assert json.loads(saved.read_text())["truncation"] is not None
+    gen = Generator.from_checkpoint(make_export(tmp_path, saved, "lrkv"))
+    clean = Tokenizer.from_file(str(tokenizer_file))
+    assert gen.encode(TEXT) == clean.encode(TEXT).ids and len(clean.encode(TEXT).ids) > 64
+    expected = Generator.from_checkpoint(exports["lrkv"]).generate([PROMPTS[0]], max_new_tokens=8)[0].tokens
+    assert gen.generate([PROMPTS[0]], max_new_tokens=8)[0].tokens == expected
 
 
 def test_streaming_yields_the_same_tokens_and_text(exports):
