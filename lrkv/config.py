@@ -26,6 +26,7 @@ _PACKAGE = Path(__file__).resolve().parent
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 ATTENTION_TYPES = ("mha", "gqa", "mqa", "mla", "lrkv")
 HEAD_DIMS = (16, 32, 64, 128, 256)
+PATH_KEYS = ("data.source", "data.tokenizer", "run.dir", "run.resume")  # file or folder names (None: not given)
 
 
 class ConfigError(ValueError):
@@ -330,6 +331,11 @@ def validate_model(m: ModelConfig) -> None:
 
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value is None or value.strip() != "", key,
+                 f"must not be empty (it would mean the current folder), got {value!r}")
     d, t, s = cfg.data, cfg.train, cfg.strategy
     _require(0 < d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
              f"must be in [1, model.max_seq_len={cfg.model.max_seq_len}], got {d.seq_len}")

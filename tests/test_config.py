@@ -88,6 +88,14 @@ def test_validation_names_key_and_rule(overrides, key, rule):
     assert re.search(rule, str(err.value)), str(err.value)
 
 
+@pytest.mark.parametrize("key", ["run.dir", "run.resume", "data.source", "data.tokenizer"])
+@pytest.mark.parametrize("value", ["", "'  '"])
+def test_empty_paths_are_refused_by_key(key, value):
+    """An empty path would silently mean the current folder (train there, scan it for a corpus)."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*empty"):
+        load_config("lrkv_debug.yaml", [f"--{key}={value}"])
+
+
 def test_malformed_overrides_and_yaml(tmp_path):
     with pytest.raises(ConfigError, match="has no value"):
         parse_cli(["--model.rank_k"])
