@@ -22,3 +22,26 @@ def smollm2_export():
         pytest.skip(f"no SmolLM2-135M export at {SMOLLM2_EXPORT}: write it with "
                     f"`{SMOLLM2_COMMAND.replace('DIR', str(SMOLLM2_EXPORT))}`")
     return SMOLLM2_EXPORT
+
+
+def _qwen_export(name: str):
+    """The real export of eval.models' QWEN[name] (fetched and converted by its command); skips, naming that
+    command, when it is absent or its source.json does not name the pinned GGUF (tests never download)."""
+    from eval.models import QWEN, command, find_parted_export
+
+    model = QWEN[name]
+    if find_parted_export(model) is None:
+        pytest.skip(f"no {model.title} export at {model.export}: write it with `{command(name, model.export)}`")
+    return model.export
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_05b_export():
+    """Qwen2.5-Coder-0.5B-Instruct as a bf16 export (24 layers, 14 q / 2 KV heads x 64), for `real_model` tests."""
+    return _qwen_export("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_15b_export():
+    """Qwen2.5-Coder-1.5B-Instruct as a bf16 export (28 layers, 12 q / 2 KV heads x 128), for `real_model` tests."""
+    return _qwen_export("qwen2.5-coder-1.5b")
