@@ -4,6 +4,8 @@ Kept out of the model file; train.py only calls `trainer_kwargs(cfg)`.
 
 - single: one device.  ddp: gloo on CPU, nccl on CUDA.  auto: Lightning's choice (DDP when several devices).
 - deepspeed: ZeRO stage 0-3 from `strategy.deepspeed` (a full DeepSpeed config dict; stage 2 when it names none).
+  Its keys are checked by DeepSpeed's own parser: one it never reads (a typo such as `zero_optimisation`) or its
+  pydantic models refuse is an error naming the dotted key, before the run starts.
   Micro-batch size, gradient accumulation and clipping always come from `train.*`. DeepSpeed on a machine
   without CUDA is refused unless `strategy.accelerator: cpu` opts in (DeepSpeed's CPU accelerator + gloo: tests/CI).
   Its checkpoint folders are published atomically (AtomicDeepSpeedStrategy).
@@ -17,6 +19,7 @@ import copy
 import os
 import shutil
 import sys
+from collections.abc import KeysView
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElastic
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from lrkv.atomic import atomic_write
-from lrkv.config import Config, ConfigError
+from lrkv.config import Config, ConfigError, _closest
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
@@ -169,14 +172,93 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"{where}.device: must be one of {OFFLOAD_DEVICES}, got {device!r}")
         if device != "none" and stage < min_stage:
             raise ConfigError(f"{where}: needs zero_optimization.stage >= {min_stage}, got stage {stage}")
-        if device == "nvme" and "nvme_path" not in offload:
-            raise ConfigError(f"{where}.nvme_path: required when offloading to nvme")
+        if device == "nvme" and not str(offload.get("nvme_path") or "").strip():  # "" would mean the current folder
+            raise ConfigError(f"{where}.nvme_path: required (not empty) when offloading to nvme")
     # Our optimizer is a plain torch AdamW from the LightningModule, not a DeepSpeed one.
     ds.setdefault("zero_allow_untested_optimizer", True)
     if (zero.get("offload_optimizer") or {}).get("device", "none") != "none":
         # Offload otherwise insists on DeepSpeedCPUAdam, a C++ extension built at first use.
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
+
+
+class _AskedKeys(dict):
+    """A DeepSpeed config (nested mappings too) that records which of its keys DeepSpeed's parser asks for."""
+
+    def __init__(self, data: dict, path: str = ""):
+        super().__init__({k: _AskedKeys(v, f"{path}{k}.") if isinstance(v, dict) else v for k, v in data.items()})
+        self.path, self.asked = path, set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.asked.add(key)
+        return super().__contains__(key)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __iter__(self):  # overridden, it also routes **unpacking into a pydantic model through __getitem__
+        self.asked.update(dict.keys(self))
+        return super().__iter__()
+
+    def keys(self) -> KeysView:  # DeepSpeed often asks `key in d.keys()`
+        return KeysView(self)
+
+    def items(self):
+        self.asked.update(dict.keys(self))
+        return super().items()
+
+    def unasked(self) -> list[tuple[str, set]]:
+        """(dotted path, the keys asked for beside it) of each key never asked for. A nested mapping asked nothing
+        went whole to one of DeepSpeed's pydantic models, which refuse unknown keys themselves."""
+        checked = self.asked or not self.path
+        out = [(self.path + k, self.asked) for k in dict.keys(self) if checked and k not in self.asked]
+        for key, value in dict.items(self):
+            if isinstance(value, _AskedKeys) and key in self.asked:
+                out += value.unasked()
+        return out
+
+
+def _locate(ds: dict, loc: tuple) -> str:
+    """The dotted path of a pydantic error's `loc`, which starts at the section DeepSpeed gave the model."""
+    def sections(node: dict, path: tuple):
+        yield path, node
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from sections(value, (*path, key))
+
+    for path, node in sections(ds, ()):
+        for part in loc:
+            if not (isinstance(node, dict) and part in node):
+                break
+            node = node[part]
+        else:
+            return ".".join(map(str, (*path, *loc)))
+    return ".".join(map(str, loc))
+
+
+def check_deepspeed_keys(ds: dict) -> None:
+    """Refuse, by dotted path, a key DeepSpeed would ignore (its parser never asks for it: `zero_optimisation`
+    leaves ZeRO at stage 2) or reject (a value its pydantic models refuse, an unknown key among them)."""
+    from deepspeed.runtime.config import DeepSpeedConfig  # importing DeepSpeed picks its accelerator
+    from pydantic import ValidationError
+
+    config = _AskedKeys(ds)
+    try:  # DeepSpeedConfig()'s parsing step, without the batch-size checks of the keys Lightning adds later
+        DeepSpeedConfig.__new__(DeepSpeedConfig)._initialize_params(config)
+    except ValidationError as e:
+        error = e.errors()[0]
+        rule = "not a DeepSpeed config key" if error["type"] == "extra_forbidden" else error["msg"]
+        raise ConfigError(f"strategy.deepspeed.{_locate(ds, error['loc'])}: {rule}") from e
+    unknown = config.unasked()
+    if unknown:
+        path, asked = unknown[0]
+        hint = _closest(path.split(".")[-1], asked)
+        raise ConfigError(f"strategy.deepspeed.{path}: not a DeepSpeed config key{hint}")
 
 
 def _use_cpu_deepspeed() -> None:
@@ -209,6 +291,7 @@ def trainer_kwargs(cfg: Config) -> dict[str, Any]:
         ds = deepspeed_config(cfg)
         if not cuda:
             _use_cpu_deepspeed()
+        check_deepspeed_keys(ds)
         cls = AtomicDeepSpeedStrategy if cuda else CPUDeepSpeedStrategy
         strategy = cls(config=ds, process_group_backend=backend)
     elif s.name == "ddp":

@@ -85,14 +85,40 @@ def test_deepspeed_config_defaults_and_offload():
      r"strategy.deepspeed.zero_optimization.offload_param: needs zero_optimization.stage >= 3"),
     ("{zero_optimization: {stage: 3, offload_optimizer: {device: nvme}}}",
      r"strategy.deepspeed.zero_optimization.offload_optimizer.nvme_path: required"),
+    ("{zero_optimization: {stage: 3, offload_param: {device: nvme, nvme_path: ''}}}",
+     r"strategy.deepspeed.zero_optimization.offload_param.nvme_path: required"),
     ("{gradient_accumulation_steps: 4}", r"strategy.deepspeed.gradient_accumulation_steps: set by lrkv from train.grad_accum"),
     ("{train_micro_batch_size_per_gpu: 2}", r"strategy.deepspeed.train_micro_batch_size_per_gpu: 2 disagrees"),
     ("{optimizer: {type: Adam}}", r"strategy.deepspeed.optimizer: set by lrkv"),
     ("{zero_optimization: 2}", r"strategy.deepspeed.zero_optimization: expected a mapping"),
+    # keys DeepSpeed would ignore (its parser never asks for them) or refuse (its pydantic models), at any depth
+    ("{zero_optimisation: {stage: 3}}",
+     r"^strategy\.deepspeed\.zero_optimisation: not a DeepSpeed config key.*did you mean 'zero_optimization'"),
+    ("{zero_optimization: {stag: 3}}", r"^strategy\.deepspeed\.zero_optimization\.stag: not a DeepSpeed config key"),
+    ("{zero_optimization: {stage: 3, offload_param: {device: cpu, pin_memroy: true}}}",
+     r"^strategy\.deepspeed\.zero_optimization\.offload_param\.pin_memroy: not a DeepSpeed config key"),
+    ("{activation_checkpointing: {cpu_checkpointng: true}}",
+     r"^strategy\.deepspeed\.activation_checkpointing\.cpu_checkpointng: not a DeepSpeed config key"),
+    ("{zero_optimization: {stage: 2, reduce_bucket_size: lots}}",
+     r"^strategy\.deepspeed\.zero_optimization\.reduce_bucket_size: .*integer"),
 ])
 def test_deepspeed_config_errors_name_the_key(ds, message):
     with pytest.raises(ConfigError, match=message):
         trainer_kwargs(cfg("--strategy.name=deepspeed", "--strategy.accelerator=cpu", f"--strategy.deepspeed={ds}"))
+
+
+def test_deepspeed_keys_it_reads_are_accepted():
+    """Keys from DeepSpeed's documented sections, read key by key or by its pydantic models, pass the key check."""
+    ds = ("{zero_optimization: {stage: 3, overlap_comm: true, stage3_prefetch_bucket_size: 1000000,"
+          " sub_group_size: 1000, offload_optimizer: {device: cpu, pin_memory: true}, offload_param: {device: nvme, nvme_path: /nvme}},"
+          " activation_checkpointing: {partition_activations: true, number_checkpoints: 4},"
+          " aio: {block_size: 1048576, queue_depth: 8}, flops_profiler: {enabled: false, profile_step: 1},"
+          " tensorboard: {enabled: false, output_path: tb}, comms_logger: {enabled: false},"
+          " checkpoint: {tag_validation: Warn, parallel_write: {pipeline_stage: false}},"
+          " timers: {throughput: {enabled: true}}, steps_per_print: 10, wall_clock_breakdown: false}")
+    kw = trainer_kwargs(cfg("--strategy.name=deepspeed", "--strategy.accelerator=cpu", f"--strategy.deepspeed={ds}"))
+    assert kw["strategy"].config["zero_optimization"]["offload_param"]["nvme_path"] == "/nvme"
+    assert kw["strategy"].config["aio"] == {"block_size": 1048576, "queue_depth": 8}
 
 
 @pytest.mark.parametrize("env", [torchrun_env, slurm_env])
