@@ -226,9 +226,8 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -249,6 +248,17 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
+
+    def _open(self) -> int:
+        """The lock file, opened for writing: the first write of a run, so a folder it cannot write fails here."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunDirError(f"run.dir: {self.run_dir} is a file, not a folder; choose another --run.dir")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only, not ours, a file on the way
+            raise RunDirError(f"run.dir: cannot write in {self.run_dir} ({e.strerror}); "
+                              f"choose another --run.dir") from e
 
     def release(self) -> None:
         if self.fd is not None:

@@ -26,6 +26,9 @@ _PACKAGE = Path(__file__).resolve().parent
 CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 ATTENTION_TYPES = ("mha", "gqa", "mqa", "mla", "lrkv")
 HEAD_DIMS = (16, 32, 64, 128, 256)
+# Lightning's precision strings and their aliases (tests/test_config.py checks they agree), checked before it loads
+PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "bf16", "16", "32", "64")
 PATH_KEYS = ("data.source", "data.tokenizer", "run.dir", "run.resume")  # file or folder names (None: not given)
 
 
@@ -342,8 +345,9 @@ def validate(cfg: Config) -> None:
     _require(d.text_sample_by in ("document", "paragraph", "line"), "data.text_sample_by",
              f"document, paragraph or line, got '{d.text_sample_by}'")
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "val_every", "ckpt_every", "keep_last"):
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "val_every", "val_batches", "ckpt_every", "keep_last"):
         _require(getattr(t, key) > 0, f"train.{key}", f"must be > 0, got {getattr(t, key)}")
+    _require(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}, got '{t.precision}'")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.schedule in ("wsd", "cosine", "constant"), "train.schedule", f"wsd, cosine or constant, got '{t.schedule}'")
@@ -354,6 +358,13 @@ def validate(cfg: Config) -> None:
              f"auto, single, ddp or deepspeed, got '{s.name}'")
     _require(s.accelerator in ("auto", "cpu", "cuda", "gpu"), "strategy.accelerator", f"auto, cpu or cuda, got '{s.accelerator}'")
     _require(s.num_nodes >= 1, "strategy.num_nodes", f"must be >= 1, got {s.num_nodes}")
+    devices_ok = s.devices >= 1 if isinstance(s.devices, int) else re.fullmatch(r"auto|[1-9]\d*|\d+(,\d*)+", s.devices)
+    _require(bool(devices_ok), "strategy.devices",
+             f"auto, a device count >= 1 or device indices like '0,1', got {s.devices!r}")
+    _require(cfg.log.every > 0, "log.every", f"must be > 0, got {cfg.log.every}")
+    # the sample after training: checked now, not after the whole run
+    _require(cfg.run.sample_tokens > 0, "run.sample_tokens", f"must be > 0, got {cfg.run.sample_tokens}")
+    _require(cfg.run.sample_prompt != "", "run.sample_prompt", "must not be empty (the sample continues it)")
 
 
 def _field_comments(cls) -> dict[str, str]:

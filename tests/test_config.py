@@ -2,12 +2,13 @@ import json
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lrkv.config import CONFIG_DIR, Config, ConfigError, config_from_dict, load_config, parse_cli, read_yaml
+from lrkv.config import CONFIG_DIR, PRECISIONS, Config, ConfigError, config_from_dict, load_config, parse_cli, read_yaml
 
 SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -79,6 +80,14 @@ def test_resolved_config_round_trips_through_yaml():
         (["--strategy.name=fsdp"], "strategy.name", "deepspeed"),
         (["--model.attn_impl=cuda"], "model.attn_impl", "torch, rebuild or triton"),
         (["--model.rope_scaling={rope_type: yarn}"], "model.rope_scaling.rope_type", "only 'llama3'"),
+        # checked up front, not when used (a traceback mid-run, or after the whole run for the sample)
+        (["--run.sample_tokens=0"], "run.sample_tokens", "must be > 0, got 0"),
+        (["--run.sample_prompt="], "run.sample_prompt", "must not be empty"),
+        (["--train.precision=bf16-mixd"], "train.precision", "one of .*'bf16-mixed'.*got 'bf16-mixd'"),
+        (["--strategy.devices=abc"], "strategy.devices", "auto, a device count >= 1 .*got 'abc'"),
+        (["--strategy.devices=0"], "strategy.devices", "got 0"),
+        (["--log.every=0"], "log.every", "must be > 0, got 0"),
+        (["--train.val_batches=0"], "train.val_batches", "must be > 0, got 0"),
     ],
 )
 def test_validation_names_key_and_rule(overrides, key, rule):
@@ -94,6 +103,15 @@ def test_empty_paths_are_refused_by_key(key, value):
     """An empty path would silently mean the current folder (train there, scan it for a corpus)."""
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*empty"):
         load_config("lrkv_debug.yaml", [f"--{key}={value}"])
+
+
+def test_precisions_are_lightnings_and_device_forms_it_takes_pass():
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    lightning = set(typing.get_args(_PRECISION_INPUT_STR)) | set(typing.get_args(_PRECISION_INPUT_STR_ALIAS))
+    assert set(PRECISIONS) == lightning | {"auto"}
+    for devices in ("auto", "2", "'3'", "0,1", "'1,'"):
+        load_config("lrkv_debug.yaml", [f"--strategy.devices={devices}"])
 
 
 def test_malformed_overrides_and_yaml(tmp_path):

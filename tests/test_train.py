@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -284,6 +285,29 @@ def test_second_run_in_a_folder_in_use_is_refused(corpus, tmp_path):
     finally:
         holder.release()
     assert not run_dir.exists()  # the holder created it and nothing else was written
+
+
+def test_run_dir_that_cannot_be_written_is_refused_before_anything_runs(corpus, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    with pytest.raises(RunDirError, match=rf"^run.dir: {re.escape(str(afile))} is a file, not a folder"):
+        train.main(args(corpus, afile))
+    with pytest.raises(RunDirError, match=rf"^run.dir: cannot write in {re.escape(str(afile / 'run'))} \(Not a dir"):
+        train.main(args(corpus, afile / "run"))
+    assert afile.read_text() == "kept"
+    # a read-only folder: root writes through chmod, so the lock file's creation fails as the OS reports it
+    read_only, real_open = tmp_path / "read_only", os.open
+
+    def refuse(path, *rest):
+        if Path(path).parent == read_only:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *rest)
+
+    read_only.mkdir()
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(RunDirError, match=rf"^run.dir: cannot write in {re.escape(str(read_only))} \(Permission"):
+        train.main(args(corpus, read_only))
+    assert list(read_only.iterdir()) == []
 
 
 def test_schedule_changes_on_resume_40_to_80(corpus, tmp_path):
