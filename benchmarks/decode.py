@@ -5,6 +5,8 @@
     python benchmarks/decode.py --device cuda --hf-export DIR --text book.txt   # converted Llama/Qwen2 export
     python benchmarks/decode.py --hf-export DIR --transformers FILE.gguf --policies lrqk,exact,quest,loki,h2o,streaming \
         --contexts 1024,4096,8192      # a real model: transformers' own cache vs lrkv full vs every selection policy
+    python benchmarks/decode.py --hf-export DIR --transformers FILE.gguf --dtype bf16 --floor [--json]
+                                       # each step beside the memory floor measured in the same run
 
 Rows: MHA-full (the config's body with attn=mha), LRKV-full (the model's own cache) and LRKV-LRQK (offloaded
 LRQK decoder) on random weights (LRKV B matrices drawn normal, so the residual keys are live), or, with
@@ -17,7 +19,15 @@ timed ones (median step time). "dev KV" is what the decoder keeps on the acceler
 slot pool, proxy factors, maps), "host KV" the LRQK row store; on a CPU run both live in host memory and the
 columns say what a GPU would hold. Random weights give near-uniform attention, so their hit rates are not a
 quality measure. "x base" is tok/s relative to the first row of the same context (MHA-full, transformers, or the
-export's full).
+export's full). With --hf-export and policies, a "lockstep" row steps every policy and full attention as one batch
+from one prefill (forks + Lockstep, as eval.ruler decodes), one weight read per step for all of them.
+
+--floor: the machine's read bandwidth is measured with a matrix-vector product (one token through a linear layer, the
+decode step's weight read) over a buffer the size of the model's weights in the model's dtype, before and after the
+rows; each row then gets the bytes its step must read (the weights once per step, plus the KV rows it attends and
+its policy's state, from the memory plan; the lockstep row: the weights once plus every method's rows) over that
+bandwidth: `floor ms`, beside the measured step and their ratio. --json prints one object per row instead (keys
+model, context, method, step_ms, floor_ms, ratio, read_bytes, prefill_s, tok_s).
 """
 
 from __future__ import annotations
@@ -25,13 +35,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config  # noqa: E402
+from lrkv.inference.sparse.config import SparseConfig, add_sparse_args, sparse_config  # noqa: E402
 
 K = 1024
 # the parser is built before torch is imported, so this mirrors lrkv.inference (tests/test_cli.py checks they agree)
@@ -52,13 +63,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--steps", type=int, help="timed decode steps (default 16 cpu, 32 cuda)")
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones (default 2)")
-    add_lrqk_args(p, {"rank": None, "top_k": None, "recent": None, "sinks": 0, "policy": "lrqk", "proxy": "shared"},
+    add_sparse_args(p, {"rank": None, "top_k": None, "recent": None, "sinks": 0, "policy": "lrqk", "proxy": "shared"},
                   sweep=("policy",), preset=True, unset={"rank": "head_dim / 4: the paper's 32 at head_dim 128",
                                                          "top_k": "256 cpu, 2048 cuda"})
     p.add_argument("--transformers", help="with --hf-export: also time this HF folder or .gguf in transformers")
     p.add_argument("--split", action="store_true",
                    help="also profile --steps more LRQK steps and print where a layer-step's time goes (proxy "
                         "solve, scoring, top-k, hit/miss, gather, attention, store; CUDA time too on a GPU)")
+    p.add_argument("--floor", action="store_true",
+                   help="measure the read bandwidth in this run and print each step beside its memory floor")
+    p.add_argument("--json", action="store_true", help="one JSON object per row on stdout instead of the table")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on cpu: a small model's decode step is "
                                                  "latency-bound, and one thread keeps timings steady on a shared "
                                                  "machine; torch's default on cuda)")
@@ -72,9 +86,10 @@ import torch  # noqa: E402
 
 from lrkv.config import ModelConfig, load_config  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
+from lrkv.inference.decoder import DecodeStats  # noqa: E402
 from lrkv.inference.full import FullDecoder  # noqa: E402
 from lrkv.inference.generator import DTYPES  # noqa: E402
-from lrkv.inference.lrqk import LRQKDecoder, MemoryPlanError  # noqa: E402
+from lrkv.inference.sparse import Lockstep, MemoryPlanError, SparseDecoder  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
 
@@ -113,7 +128,7 @@ class TransformersDecoder:
     """A transformers causal LM behind the prefill/step API, with its own DynamicCache (generate's per-step work)."""
 
     def __init__(self, model):
-        self.model, self.past, self.stats = model, None, {"hits": 0, "selections": 0, "bytes_moved": 0}
+        self.model, self.past, self.stats = model, None, DecodeStats()
 
     @torch.no_grad()
     def prefill(self, idx, logits_to_keep=1):
@@ -136,7 +151,7 @@ def load_transformers(path: str, args: argparse.Namespace):
     return model.to(args.device).eval()
 
 
-def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor,
+def run_case(model, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tensor,
              args: argparse.Namespace) -> dict:
     """Prefill tokens[:, :ctx], then warmup + timed decode steps feeding tokens[:, ctx:]; the row's numbers.
     cache: "transformers", "full", or an LRQK policy name."""
@@ -146,7 +161,7 @@ def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor
     elif cache == "full":
         decoder = FullDecoder(model)
     else:
-        decoder = LRQKDecoder(model, dataclasses.replace(lrqk, policy=cache), gpu_device=args.device,
+        decoder = SparseDecoder(model, lrqk.with_policy(cache), gpu_device=args.device,
                               pin_memory=args.device == "cuda", max_context=ctx + total + args.steps)
     start = time.perf_counter()
     decoder.prefill(tokens[:, :ctx], logits_to_keep=1)
@@ -155,7 +170,7 @@ def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor
     for i in range(args.warmup):
         decoder.step(tokens[:, ctx + i : ctx + i + 1])
     sync(args.device)
-    before = dict(decoder.stats)
+    before = dataclasses.asdict(decoder.stats)
     times = []
     for i in range(args.warmup, total):
         start = time.perf_counter()
@@ -163,7 +178,7 @@ def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor
         sync(args.device)
         times.append(time.perf_counter() - start)
     step_s = sorted(times)[len(times) // 2]  # median: robust to a busy shared machine
-    moved = {k: decoder.stats[k] - before[k] for k in ("hits", "selections", "bytes_moved")}
+    moved = {k: getattr(decoder.stats, k) - before[k] for k in ("hits", "selections", "bytes_moved")}
     if cache == "transformers":
         kv = [t for layer in decoder.past.layers for t in (layer.keys, layer.values)]
         host, dev = 0, sum(t.numel() * t.element_size() for t in kv)
@@ -172,17 +187,86 @@ def run_case(model, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor
         host, dev = 0, row_bytes * decoder.cache.length * args.batch
     else:
         host, dev = decoder.allocated_bytes()
-    split = phase_split(decoder, tokens[:, -1:], args) if args.split and isinstance(decoder, LRQKDecoder) else None
+    split = phase_split(decoder, tokens[:, -1:], args) if args.split and isinstance(decoder, SparseDecoder) else None
     return dict(tok_s=args.batch / step_s, ms=1e3 * step_s, dev=dev, host=host, prefill_s=prefill_s,
                 moved=moved["bytes_moved"] / args.steps,
                 hit=moved["hits"] / moved["selections"] if moved["selections"] else None, split=split)
 
 
-# the decode step's named ranges (LRQKLayer.decode; lrqk.solve nests in lrqk.score, lrqk.gather in lrqk.pool)
-PHASES = ("lrqk.store", "lrqk.score", "lrqk.solve", "lrqk.topk", "lrqk.pool", "lrqk.gather", "lrqk.attention")
+def run_lockstep(model, methods: list[str], lrqk: SparseConfig, ctx: int, tokens: torch.Tensor,
+                 args: argparse.Namespace) -> dict:
+    """Every method (full attention: the `full` policy) forked from one prefill and stepped as one batch."""
+    total = args.warmup + args.steps
+    capacity = ctx + total + 1
+    base = SparseDecoder(model, SparseConfig(policy="streaming", top_k=1, recent=1), gpu_device=args.device,
+                         pin_memory=args.device == "cuda", max_context=capacity)
+    start = time.perf_counter()
+    base.prefill(tokens[:, :ctx], logits_to_keep=1, keep_prompt=True)
+    forks = [base.fork(SparseConfig.full(capacity) if m == "full" else lrqk.with_policy(m)) for m in methods]
+    sync(args.device)
+    prefill_s = time.perf_counter() - start
+    del base  # the prompt's queries and keys were kept for the forks only
+    lock, times = Lockstep(forks), []
+    for i in range(total):
+        start = time.perf_counter()
+        lock.step(tokens[:, ctx + i : ctx + i + 1].expand(len(forks), 1))
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times[args.warmup:])[args.steps // 2]
+    host, dev = (sum(x) for x in zip(*(f.allocated_bytes() for f in forks)))
+    return dict(tok_s=len(forks) / step_s, ms=1e3 * step_s, dev=dev, host=host, prefill_s=prefill_s,
+                moved=sum(f.stats.bytes_moved for f in forks) / total, hit=None, split=None)
 
 
-def phase_split(decoder: LRQKDecoder, token: torch.Tensor, args: argparse.Namespace) -> dict:
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of weights a decode step reads: every parameter once, but only one row of an untied embedding table."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if model.cfg.tie_embeddings else total - model.embed.weight.numel() * model.embed.weight.element_size()
+
+
+def read_bandwidth(n_bytes: int, width: int, dtype: torch.dtype, device: str, repeats: int = 7) -> float:
+    """Bytes/s of one token through a (n_bytes / width / elt, width) linear layer in `dtype`: the weight read of a
+    decode step, in one matrix. Median of `repeats` after a warm-up."""
+    rows = max(n_bytes // (width * torch.empty((), dtype=dtype).element_size()), 1)
+    w = torch.full((rows, width), 1e-3, dtype=dtype, device=device)
+    x = torch.ones(1, width, dtype=dtype, device=device)
+    torch.nn.functional.linear(x, w)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return w.numel() * w.element_size() / sorted(times)[repeats // 2]
+
+
+def attended_bytes(model: Transformer, method: str, lrqk: SparseConfig, ctx: int, args: argparse.Namespace) -> int:
+    """Cache bytes one decode step must read besides the weights: the whole KV cache for full attention, else the
+    GPU pool's rows and the policy's state at this context (the memory plan's numbers)."""
+    if method in ("full", "transformers"):
+        return ctx * args.batch * model.kv_bytes_per_token(torch.empty((), dtype=args.dtype).element_size())
+    plan = SparseDecoder.memory_plan(model.cfg, lrqk.with_policy(method), args.batch, ctx, args.dtype)
+    return plan.detail["pool"] + plan.detail["policy"]
+
+
+def add_floor(rows: list[dict], models: dict, lrqk: SparseConfig, bandwidth: float, args: argparse.Namespace) -> None:
+    """read_bytes, floor_ms and ratio for every measured row (the lockstep row reads the weights once)."""
+    for r in rows:
+        if "ms" not in r:
+            continue
+        model = models[r["model"]]
+        methods = r["methods"] if r["cache"] == "lockstep" else [r["cache"]]
+        read = weight_bytes(model) + sum(attended_bytes(model, m, lrqk, r["ctx"], args) for m in methods)
+        r.update(read_bytes=read, floor_ms=1e3 * read / bandwidth)
+        r["ratio"] = r["ms"] / r["floor_ms"]
+
+
+# the decode step's named ranges (SparseLayer.decode; lrqk.solve nests in sparse.score, sparse.gather in sparse.pool)
+PHASES = ("sparse.store", "sparse.score", "lrqk.solve", "sparse.topk", "sparse.pool", "sparse.gather", "sparse.attention")
+
+
+def phase_split(decoder: SparseDecoder, token: torch.Tensor, args: argparse.Namespace) -> dict:
     """--steps more decode steps under torch.profiler: microseconds per layer-step in each phase (host time; on a
     GPU also device time), nested ranges taken apart. Profiling adds overhead to every op, so `step` (the
     profiled step) exceeds the timed one; the phases' shares are what to read."""
@@ -205,11 +289,11 @@ def phase_split(decoder: LRQKDecoder, token: torch.Tensor, args: argparse.Namesp
     def minus(a, b):
         return tuple(None if x is None else x - y for x, y in zip(a, b))
 
-    named = {"proxy solve": t["lrqk.solve"], "scoring": minus(t["lrqk.score"], t["lrqk.solve"]),
-             "top-k": t["lrqk.topk"], "hit/miss": minus(t["lrqk.pool"], t["lrqk.gather"]),
-             "gather": t["lrqk.gather"], "attention": t["lrqk.attention"], "store": t["lrqk.store"]}
+    named = {"proxy solve": t["lrqk.solve"], "scoring": minus(t["sparse.score"], t["lrqk.solve"]),
+             "top-k": t["sparse.topk"], "hit/miss": minus(t["sparse.pool"], t["sparse.gather"]),
+             "gather": t["sparse.gather"], "attention": t["sparse.attention"], "store": t["sparse.store"]}
     step = elapsed * per
-    rest = step - sum(t[k][0] for k in ("lrqk.store", "lrqk.score", "lrqk.topk", "lrqk.pool", "lrqk.attention"))
+    rest = step - sum(t[k][0] for k in ("sparse.store", "sparse.score", "sparse.topk", "sparse.pool", "sparse.attention"))
     return {**named, "rest of the layer (projections, MLP)": (rest, None), "step": (step, None)}
 
 
@@ -237,13 +321,16 @@ def full_fits(model, ctx: int, args: argparse.Namespace) -> str | None:
     return None if need < 0.8 * free else f"needs {need / 2**30:.1f} GiB KV, {free / 2**30:.1f} GiB free"
 
 
-def measure(label: str, model: Transformer, cache: str, lrqk: LRQKConfig, ctx: int, tokens: torch.Tensor,
+def measure(label: str, model: Transformer, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tensor,
             args: argparse.Namespace) -> dict:
     row = dict(ctx=ctx, model=label, cache=cache)
     why = full_fits(model, ctx, args) if cache in ("full", "transformers") else None
     if why:
         return {**row, "skip": why}
     try:
+        if cache == "lockstep":
+            methods = ["full", *args.policies]
+            return {**row, "methods": methods, **run_lockstep(model, methods, lrqk, ctx, tokens, args)}
         return {**row, **run_case(model, cache, lrqk, ctx, tokens, args)}
     except (torch.OutOfMemoryError, MemoryPlanError) as e:
         return {**row, "skip": str(e).splitlines()[0][:60]}
@@ -265,20 +352,21 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], floor: bool) -> None:
     head = ("context", "model", "cache", "tok/s", "ms/step", "x base", "dev KV", "host KV", "H2D/step", "hit rate",
-            "prefill s")
+            "prefill s") + (("floor ms", "x floor") if floor else ())
     lines = []
     for r in rows:
         # "x base": speed relative to the first measured row of the same context (MHA-full, or the HF model's full)
         base = next((b["tok_s"] for b in rows if b["ctx"] == r["ctx"] and "tok_s" in b), None)
         if "skip" in r:
-            lines.append((fmt_ctx(r["ctx"]), r["model"], r["cache"], "-", "-", "-", "-", "-", "-", "-", r["skip"]))
+            lines.append((fmt_ctx(r["ctx"]), r["model"], r["cache"], "-", "-", "-", "-", "-", "-", "-", r["skip"])
+                         + (("-", "-") if floor else ()))
             continue
         lines.append((fmt_ctx(r["ctx"]), r["model"], r["cache"], f"{r['tok_s']:.1f}", f"{r['ms']:.2f}",
                       f"{r['tok_s'] / base:.2f}", fmt_bytes(r["dev"]), fmt_bytes(r["host"]) if r["host"] else "-",
                       fmt_bytes(r["moved"]), "-" if r["hit"] is None else f"{100 * r['hit']:.1f}%",
-                      f"{r['prefill_s']:.2f}"))
+                      f"{r['prefill_s']:.2f}") + ((f"{r['floor_ms']:.1f}", f"{r['ratio']:.1f}") if floor else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     for line in (head, *lines):
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
@@ -300,28 +388,36 @@ def main(argv: list[str] | None = None) -> None:
     if args.hf_export:
         hf = open_export(args.hf_export).model(args.device, args.dtype)
         models = [("hf", hf, "full")] + [("hf", hf, policy) for policy in args.policies]
+        if args.policies and args.batch == 1:
+            models.append(("hf", hf, "lockstep"))
         if args.transformers:
             models.insert(0, ("transformers", load_transformers(args.transformers, args), "transformers"))
         cfgs = {f"hf ({args.hf_export})": (hf.cfg, hf)}
+        counted = {"hf": hf, "transformers": hf}  # the bytes a step reads, from lrkv's copy of the same model
     else:
         name = args.config or ("lrkv_125m.yaml" if args.device == "cuda" else "lrkv_debug.yaml")
         lrkv_cfg = dataclasses.replace(load_config(name).model, lrkv_b_init="normal")
         mha_cfg = dataclasses.replace(lrkv_cfg, attn="mha", n_kv_head=None)
         mha, lrkv = random_model(mha_cfg, args), random_model(lrkv_cfg, args)
         models = [("MHA", mha, "full"), ("LRKV", lrkv, "full")] + [("LRKV", lrkv, p) for p in args.policies]
+        if args.policies and args.batch == 1:
+            models.append(("LRKV", lrkv, "lockstep"))
         cfgs = {"MHA": (mha_cfg, mha), f"LRKV ({name})": (lrkv_cfg, lrkv)}
+        counted = {"MHA": mha, "LRKV": lrkv}
     head_dim = next(iter(cfgs.values()))[0].dh
     # without a preset: the paper's rank at head_dim 128 scaled to this head_dim, and a top-k per device
-    lrqk = lrqk_config(args, LRQKConfig(rank=max(head_dim // 4, 1), top_k=2048 if args.device == "cuda" else 256))
-    print(f"decode benchmark on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
+    lrqk = sparse_config(args, SparseConfig(top_k=2048 if args.device == "cuda" else 256).tuned(rank=max(head_dim // 4, 1)))
+    say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
+    biggest = max(counted.values(), key=weight_bytes)
+    measure_bw = lambda: read_bandwidth(weight_bytes(biggest), biggest.cfg.d_model, args.dtype, args.device)  # noqa: E731
+    bandwidth = [measure_bw()] if args.floor else []
+    say(f"decode benchmark on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
           f"dtype {str(args.dtype).removeprefix('torch.')}, batch {args.batch}, {args.warmup} warmup + "
           f"{args.steps} timed decode steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for label, (cfg, model) in cfgs.items():
-        print(describe(label, cfg, model, args))
-    print(f"  LRQK: rank {lrqk.rank}, top-k {lrqk.top_k}, recent {lrqk.recent}, sinks {lrqk.sinks}, proxy "
-          f"{lrqk.proxy} (shared: per layer for lrkv, per query head for mha-gqa), policies {','.join(args.policies)}, "
-          f"iters {lrqk.prefill_iters}/{lrqk.decode_iters}, "
-          f"offloaded row store{' (pinned)' if args.device == 'cuda' else ''}")
+        say(describe(label, cfg, model, args))
+    say(f"  sparse: {lrqk.summary()} (proxy shared: per layer for lrkv, per query head for mha-gqa), policies "
+          f"{','.join(args.policies)}, offloaded row store{' (pinned)' if args.device == 'cuda' else ''}")
     vocab = next(iter(cfgs.values()))[0].vocab_size
     rows = []
     for ctx in args.contexts:
@@ -329,7 +425,19 @@ def main(argv: list[str] | None = None) -> None:
         for label, model, cache in models:
             rows.append(measure(label, model, cache, lrqk, ctx, tokens, args))
             print(f"  done {fmt_ctx(ctx)} {label}-{cache}", file=sys.stderr, flush=True)
-    print_table(rows)
+    if args.floor:
+        bandwidth.append(measure_bw())
+        say(f"  read bandwidth (one token through a {weight_bytes(biggest) / 2**30:.2f} GiB linear layer): "
+            f"{bandwidth[0] / 1e9:.1f} GB/s before the rows, {bandwidth[1] / 1e9:.1f} GB/s after; floor from their mean")
+        add_floor(rows, counted, lrqk, sum(bandwidth) / 2, args)
+    if args.json:
+        for r in rows:
+            print(json.dumps({"model": r["model"], "context": r["ctx"], "method": r["cache"],
+                              **{k: r[key] for k, key in (("step_ms", "ms"), ("floor_ms", "floor_ms"), ("ratio", "ratio"),
+                                                          ("read_bytes", "read_bytes"), ("prefill_s", "prefill_s"),
+                                                          ("tok_s", "tok_s"), ("skip", "skip")) if key in r}}))
+        return
+    print_table(rows, args.floor)
     print_split(rows)
 
 

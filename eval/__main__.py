@@ -51,8 +51,8 @@ import torch  # noqa: E402
 from eval import head_diversity, kv_memory, long_context, lrqk_agreement, perplexity  # noqa: E402
 from eval.common import cli, markdown_table  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
-from lrkv.inference.lrqk import LRQKConfig  # noqa: E402
-from lrkv.inference.lrqk.plan import LRQK_ATTENTION  # noqa: E402
+from lrkv.inference.sparse import SparseConfig  # noqa: E402
+from lrkv.inference.sparse.plan import SPARSE_ATTENTION  # noqa: E402
 
 SUITES = {
     "quick": {"ppl_tokens": 8192, "tasks": ["passkey", "niah_single"], "lengths": [1], "n": 5,
@@ -84,8 +84,8 @@ def run(export: str, suite: str, source: str, context: int, out: Path) -> str:
     parts += ["\n## Head diversity (docs/lrkv.md §7)\n\n", head_diversity.run([export], [m.attn], out),
               "\n![heads](head_diversity.png)\n"]
 
-    lrqk_ok = m.attn in LRQK_ATTENTION
-    lrqk = LRQKConfig(rank=min(8, m.dh), top_k=m.max_seq_len // 8, recent=16, sinks=4)
+    lrqk_ok = m.attn in SPARSE_ATTENTION
+    lrqk = SparseConfig(top_k=m.max_seq_len // 8, recent=16, sinks=4).tuned(rank=min(8, m.dh))
     lengths = [f * m.max_seq_len for f in s["lengths"]]
     tasks = [t for t in s["tasks"] if fits(t, tok, min(lengths))]
     rows = long_context.evaluate(model, tok, tasks, lengths, s["n"], ["full", "lrqk"] if lrqk_ok else ["full"],

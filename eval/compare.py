@@ -58,7 +58,7 @@ from eval import head_diversity  # noqa: E402
 from eval.common import VARIANTS, cli, markdown_table, plt, save_figure, scatter_variants  # noqa: E402
 from eval.recall_study import MQARTask, mqar_study  # noqa: E402
 from lrkv.export import WEIGHTS_NAME, load_export  # noqa: E402
-from lrkv.inference.lrqk import LRQKConfig  # noqa: E402
+from lrkv.inference.sparse import SparseConfig  # noqa: E402
 from lrkv.rundir import RunDir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,14 +197,14 @@ def main(argv: list[str] | None = None) -> str:
 
     if args.mqar_steps > 0:
         task = MQARTask(args.mqar_keys, args.mqar_values, args.mqar_pairs, args.mqar_queries)
-        lrqk = LRQKConfig(rank=args.mqar_lrqk_rank, top_k=args.mqar_lrqk_top_k, recent=1,
-                          sparse_query_tail=task.queries)
+        lrqk = SparseConfig(top_k=args.mqar_lrqk_top_k, recent=1,
+                          sparse_query_tail=task.queries).tuned(rank=args.mqar_lrqk_rank)
         mq_rows = mqar_study(variants, task, args.mqar_steps, args.mqar_seeds, args.mqar_eval_every,
                              args.mqar_eval, lrqk, out / "mqar.png")
         report += [f"\n## Token-pair recall (MQAR-style, one token per pair: {task.pairs} pairs of {task.keys} keys x "
                    f"{task.values} values, {task.queries} queries; {args.mqar_steps} steps x 64 sequences; "
                    f"accuracy on {args.mqar_eval} held-out sequences; mean/min/max of {args.mqar_seeds} seeds; LRQK: "
-                   f"the queries decoded with rank {lrqk.rank}, top-{lrqk.top_k} + the current token)\n",
+                   f"the queries decoded with rank {lrqk.knobs.rank}, top-{lrqk.top_k} + the current token)\n",
                    markdown_table(mq_rows), "\n![mqar](mqar.png)\n"]
     report.append(f"\nwall time {time.time() - t0:.0f} s\n")
     text = "".join(report)

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from eval.common import VARIANTS, cli, markdown_table, plt, save_figure  # noqa: E402
 from lrkv.config import CONFIG_DIR, ModelConfig, load_config  # noqa: E402
-from lrkv.inference.lrqk import LRQKConfig, memory_plan  # noqa: E402
+from lrkv.inference.sparse import SparseConfig, memory_plan  # noqa: E402
 from lrkv.info import mha_equivalent  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
@@ -94,7 +94,7 @@ def lrqk_plan_rows(contexts=(32768, 131072)) -> list[dict]:
         for ctx in contexts:
             full = ctx * L * G * 2 * D * 2
             for proxy in ("shared", "group"):
-                plan = memory_plan(m, LRQKConfig.preset("paper", proxy=proxy), 1, ctx, torch.bfloat16)
+                plan = memory_plan(m, SparseConfig.preset("paper", proxy=proxy), 1, ctx, torch.bfloat16)
                 rows.append({"model": name, "context": f"{ctx // 1024}K",
                              "LRQK proxy": "per query head" if proxy == "shared" else "group (per KV head)",
                              "GPU GiB": plan.gpu_bytes / 2**30, "of which A_K GiB": plan.detail["policy"] / 2**30,

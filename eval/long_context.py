@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config
+from lrkv.inference.sparse.config import SparseConfig, add_sparse_args, sparse_config
 
 # the task generators' names (TASKS below), spelled here so that --help needs no heavy import
 TASK_NAMES = ("passkey", "niah_single", "niah_multikey", "niah_multikey_uuid", "niah_multivalue", "niah_multiquery",
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=10, help="items per task and length")
     ap.add_argument("--cache", default="full,lrqk", help="comma list of full|lrqk")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, cycled over items")
-    add_lrqk_args(ap, {"rank": 8, "top_k": 64, "recent": 16, "sinks": 4})
+    add_sparse_args(ap, {"rank": 8, "top_k": 64, "recent": 16, "sinks": 4})
     ap.add_argument("--seed", type=int, default=0, help="item i is generated from seed + i (default %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
     ap.add_argument("--out", default="reports/long_context", help="report folder (long_context.md)")
@@ -66,7 +66,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from eval.common import cli, markdown_table  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.full import FullDecoder  # noqa: E402
-from lrkv.inference.lrqk import LRQKDecoder  # noqa: E402
+from lrkv.inference.sparse import SparseDecoder  # noqa: E402
 from lrkv.tokenizer import eos_id  # noqa: E402
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -394,12 +394,12 @@ def answer_budget(tok: Tokenizer, item: Item) -> int:
     return len(encode(tok, " " + ", ".join(item.answers))) + 4
 
 
-def make_decoder(model, cache: str, lrqk: LRQKConfig):
-    return FullDecoder(model) if cache == "full" else LRQKDecoder(model, lrqk)
+def make_decoder(model, cache: str, lrqk: SparseConfig):
+    return FullDecoder(model) if cache == "full" else SparseDecoder(model, lrqk)
 
 
 def evaluate(model, tok: Tokenizer, tasks: list[str], lengths: list[int], n: int, caches: list[str],
-             lrqk: LRQKConfig, depths: list[float], seed: int = 0, eos: set[int] | None = None) -> list[dict]:
+             lrqk: SparseConfig, depths: list[float], seed: int = 0, eos: set[int] | None = None) -> list[dict]:
     """One row per (task, length, cache): RULER score and, for non-full caches, the share of items whose output
     equals the full cache's output. eos: stop ids (default: our <|endoftext|>)."""
     eos = stop_ids(tok) if eos is None else eos
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     ex = open_export(args.export)
     model, tok = ex.model(), ex.tokenizer
-    lrqk = lrqk_config(args)
+    lrqk = sparse_config(args)
     rows = evaluate(model, tok, args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.n,
                     args.cache.split(","), lrqk, [float(x) for x in args.depths.split(",")], args.seed,
                     set(ex.eos_ids))

@@ -9,7 +9,7 @@ are then teacher-forced through the same continuation, so every step compares li
                 attention over every stored token for the same query: each layer's own error, not propagated
     kl          KL(p_full || p_lrqk) of the final next-token distributions
     agree       share of steps whose greedy (argmax) token is the same
-The per-layer numbers come from the decoder's probe (LRQKDecoder.probe: per layer and step, the attended set and
+The per-layer numbers come from the decoder's probe (SparseDecoder.probe: per layer and step, the attended set and
 every stored key and value).
 
     python -m eval.lrqk_agreement --export DIR [--ranks 4,8,16] [--top-ks 16,32,64] [--prompts 4] [--out DIR]
@@ -22,7 +22,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config
+from lrkv.inference.sparse.config import SparseConfig, add_sparse_args, sparse_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="text windows, one prompt each (default %(default)s)")
     p.add_argument("--prefix", type=int, default=192, help="prefilled tokens per prompt (default %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps per prompt (default %(default)s)")
-    add_lrqk_args(p, {"rank": "4,8,16", "top_k": "16,32,64", "recent": 16, "sinks": 4}, sweep=("rank", "top_k"))
+    add_sparse_args(p, {"rank": "4,8,16", "top_k": "16,32,64", "recent": 16, "sinks": 4}, sweep=("rank", "top_k"))
     p.add_argument("--threads", type=int, default=1, help="torch threads; decode steps are too small for more")
     p.add_argument("--out", default="reports/lrqk_agreement",
                    help="folder for lrqk_agreement.md and .png (default %(default)s)")
@@ -54,12 +54,12 @@ from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from eval.perplexity import source_tokens  # noqa: E402
 from lrkv.export import load_export, open_export  # noqa: E402
 from lrkv.inference.full import FullDecoder  # noqa: E402
-from lrkv.inference.lrqk import DecodeStep, LRQKDecoder  # noqa: E402
+from lrkv.inference.sparse import DecodeStep, SparseDecoder  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
 
 
 class Probe:
-    """LRQKDecoder.probe: at every decode step of every layer, the share of exact attention's mass on the attended
+    """SparseDecoder.probe: at every decode step of every layer, the share of exact attention's mass on the attended
     set and the relative error of the layer's attention output against exact attention over all stored tokens."""
 
     def __init__(self, n_layer: int):
@@ -73,14 +73,14 @@ class Probe:
         self.rel_err[step.layer].append(float((step.y.float() - exact).norm() / exact.norm().clamp_min(1e-30)))
 
 
-def agreement(model: Transformer, windows: list[torch.Tensor], prefix: int, cfg: LRQKConfig) -> dict:
+def agreement(model: Transformer, windows: list[torch.Tensor], prefix: int, cfg: SparseConfig) -> dict:
     """Metrics for one LRQK config over teacher-forced windows (each prefix + continuation tokens)."""
     cfg = dataclasses.replace(cfg, measure_recall=True)
     n_layer = len(model.layers)
     mass, rel_err, recall = [[] for _ in range(n_layer)], [[] for _ in range(n_layer)], []
     kl, agree = [], []
     for w in windows:
-        full, lrqk = FullDecoder(model), LRQKDecoder(model, cfg)
+        full, lrqk = FullDecoder(model), SparseDecoder(model, cfg)
         lf, ll = full.prefill(w[None, :prefix])[:, -1], lrqk.prefill(w[None, :prefix])[:, -1]
         lrqk.probe = probe = Probe(n_layer)
         for t in range(prefix, len(w)):
@@ -92,20 +92,20 @@ def agreement(model: Transformer, windows: list[torch.Tensor], prefix: int, cfg:
         for i in range(n_layer):
             mass[i] += probe.mass[i]
             rel_err[i] += probe.rel_err[i]
-        recall.append(lrqk.stats["recall"])
+        recall.append(lrqk.stats.recall)
     per_layer = {"recall": np.mean(recall, axis=0).tolist(), "mass": [float(np.mean(m)) for m in mass],
                  "rel_err": [float(np.mean(e)) for e in rel_err]}
     return {**{k: float(np.mean(v)) for k, v in per_layer.items()}, "kl": float(np.mean(kl)),
             "agree": float(np.mean(agree)), "per_layer": per_layer}
 
 
-def sweep(model: Transformer, windows: list[torch.Tensor], prefix: int, base: LRQKConfig, ranks: list[int],
+def sweep(model: Transformer, windows: list[torch.Tensor], prefix: int, base: SparseConfig, ranks: list[int],
           top_ks: list[int]) -> list[dict]:
     """One row per (rank, top_k) of `base`."""
     rows = []
     for r in ranks:
         for k in top_ks:
-            res = agreement(model, windows, prefix, dataclasses.replace(base, rank=r, top_k=k))
+            res = agreement(model, windows, prefix, dataclasses.replace(base, top_k=k).tuned(rank=r))
             row = {"rank": r, "top_k": k, **{m: res[m] for m in ("recall", "mass", "rel_err", "kl", "agree")}}
             row |= {f"{m} by layer": " ".join(f"{x:.3f}" for x in res["per_layer"][m]) for m in res["per_layer"]}
             rows.append(row)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     model = load_export(args.export)
     windows = text_windows(args.export, args.prompts, args.prefix + args.steps, args.source, args.split)
-    rows = sweep(model, windows, args.prefix, lrqk_config(args), args.ranks, args.top_ks)
+    rows = sweep(model, windows, args.prefix, sparse_config(args), args.ranks, args.top_ks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)

@@ -23,7 +23,7 @@ import torch
 
 from eval.common import VARIANTS, plt, save_figure, scatter_variants
 from lrkv.config import load_config
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
+from lrkv.inference.sparse import SparseConfig, SparseDecoder
 from lrkv.model import Transformer
 from lrkv.optim import make_optimizer, make_schedule
 
@@ -99,7 +99,7 @@ def train_mqar(variant: str, task: MQARTask, steps: int, seed: int, eval_every: 
 
 
 def mqar_study(variants: list[str], task: MQARTask, steps: int, seeds: int, eval_every: int, n_eval: int,
-               lrqk: LRQKConfig, out: Path) -> list[dict]:
+               lrqk: SparseConfig, out: Path) -> list[dict]:
     """Every variant x seed; one row per variant (final accuracy: mean, min, max over seeds; the same held-out
     queries answered through the LRQK decoder, whose proxy must pick the matching pair); plots accuracy against
     training step and against KV bytes to `out`."""
@@ -112,7 +112,7 @@ def mqar_study(variants: list[str], task: MQARTask, steps: int, seeds: int, eval
         row = {"variant": v, "KV B/token": runs[0][0].kv_bytes_per_token(), "MQAR acc %": sum(final) / seeds,
                "min %": min(final), "max %": max(final), "LRQK acc %": "n/a (MLA)"}
         if v != "mla":  # LRQK's proxy covers lrkv, mha, gqa and mqa
-            row["LRQK acc %"] = sum(100.0 * mqar_accuracy(LRQKDecoder(m, lrqk).prefill, task, n_eval, seed=10_000)
+            row["LRQK acc %"] = sum(100.0 * mqar_accuracy(SparseDecoder(m, lrqk).prefill, task, n_eval, seed=10_000)
                                     for m, _ in runs) / seeds
         rows.append(row)
         print(f"token-pair recall {v}: {', '.join(f'{a:.1f}' for a in final)} %, LRQK {row['LRQK acc %']} "

@@ -1,7 +1,7 @@
-"""RULER-style suite: full attention and every token-selection policy of the LRQK decoder at one token budget.
+"""RULER-style suite: full attention and every token-selection policy of the sparse decoder at one token budget.
 
     python -m eval.ruler --export DIR --lengths 1024,2048,4096,8192 \
-        --methods full,lrqk,exact_topk,quest,loki,h2o,streaming --budget 256 --n 5
+        --methods full,lrqk,exact,quest,loki,h2o,streaming --budget 256 --n 5
 
 Tasks are RULER's synthetic families (eval/long_context.py builds the items from code and a seed, sized with the
 export's tokenizer so that prompt + generation fit the length; the haystack is RULER's noise sentences, since
@@ -9,12 +9,13 @@ the essay file is not available): niah_single, niah_multikey, niah_multivalue, n
 and qa (who says a quoted line, among documents drawn from the embedded corpus).
 
 Each item's context is prefilled **once**, exactly, and every method decodes from that one prefilled state
-(LRQKDecoder.fork / full_decoder): the question is fed token by token through the method's sparse path, then the
+(SparseDecoder.fork; full attention is the `full` policy, every row selected): the question is fed token by token through the method's sparse path, then the
 answer is decoded greedily until the export's EOS or the task's cap. Scores are RULER's string_match_all.
 
 Budget: `--budget B` rows attended per decode step and selection stream (a query head here, as in LRQK's
-reference): `sinks + recent + top_k = B` for every method. A method is a policy name with optional overrides,
-e.g. `lrqk:rank=8`, `lrqk:budget=64`, `lrqk:sinks=0` (the ablations run in one pass over the same prefills).
+reference): `sinks + recent + top_k = B` for every method. A method is a policy name (lrkv/inference/sparse/registry.py)
+with optional overrides of the budget, a SparseConfig field or one of the policy's knobs, e.g. `lrqk:rank=8`,
+`lrqk:budget=64`, `lrqk:sinks=0`, `quest:page=8` (the ablations run in one pass over the same prefills).
 
 Per method the report gives the GPU-resident state a bf16 deployment would hold at the item's length (full: the
 KV cache; sparse: slot pool + maps + the policy's own state, from the decoder's memory plan) and the CPU->GPU
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import json
 import os
 import subprocess
@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from lrkv.inference.lrqk.config import LRQKConfig, add_lrqk_args, lrqk_config
+from lrkv.inference.sparse.config import SparseConfig, add_sparse_args, sparse_config
+from lrkv.inference.sparse.registry import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
@@ -43,8 +44,6 @@ RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multique
 GEN_CAP = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128, "vt": 30,
            "cwe": 120, "fwe": 50, "qa": 32}
 DTYPE_NAMES = ("bf16", "fp32")  # generator.DTYPES' keys, spelled here so --help needs no torch (tests/test_cli.py)
-METHOD_POLICY = {"lrqk": "lrqk", "exact_topk": "exact", "quest": "quest", "loki": "loki", "h2o": "h2o",
-                 "streaming": "streaming"}
 
 
 def shard(text: str) -> tuple[int, int]:
@@ -61,11 +60,11 @@ def parser() -> argparse.ArgumentParser:
                                      "unless --report-only")
     ap.add_argument("--lengths", default="1024,2048,4096", help="comma list of context lengths in tokens")
     ap.add_argument("--tasks", default=",".join(RULER_TASKS), help=f"comma list of {', '.join(RULER_TASKS)}")
-    ap.add_argument("--methods", default="full,lrqk,exact_topk,quest,loki,h2o,streaming",
-                    help="comma list: full or a policy (lrqk exact_topk quest loki h2o streaming), each with optional "
-                         ":key=value overrides (budget or an LRQKConfig field), e.g. lrqk:rank=8")
+    ap.add_argument("--methods", default=",".join(["full", *(p for p in POLICIES if p != "full")]),
+                    help=f"comma list of policies ({' '.join(POLICIES)}), each with optional :key=value overrides "
+                         "(budget, a SparseConfig field or a knob of the policy), e.g. lrqk:rank=8")
     ap.add_argument("--budget", type=int, default=256, help="rows attended per step and stream: sinks+recent+top_k")
-    add_lrqk_args(ap, {"recent": 32, "sinks": 4, "rank": 32})  # top_k: what the budget leaves
+    add_sparse_args(ap, {"recent": 32, "sinks": 4, "rank": 32})  # top_k: what the budget leaves
     ap.add_argument("--n", type=int, default=5, help="items per task and length")
     ap.add_argument("--seed", type=int, default=0, help="item i is generated from seed + i (default %(default)s)")
     ap.add_argument("--start", type=int, default=0, help="first item index (to finish an interrupted run: items "
@@ -95,12 +94,11 @@ from eval.common import cli, markdown_table, plt, save_figure  # noqa: E402
 from eval.long_context import answer_budget, corpus_speeches, encode, make_item, string_match_all  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.generator import DTYPES  # noqa: E402
-from lrkv.inference.lrqk import Lockstep, LRQKDecoder, memory_plan  # noqa: E402
-from lrkv.inference.lrqk.plan import geometry  # noqa: E402
-from lrkv.model import cache_layout  # noqa: E402
+from lrkv.inference.sparse import Lockstep, SparseDecoder, memory_plan  # noqa: E402
+from lrkv.inference.sparse.plan import geometry  # noqa: E402
 
 
-def parse_method(spec: str, budget: int, base: LRQKConfig) -> tuple[str, LRQKConfig | None]:
+def parse_method(spec: str, budget: int, base: SparseConfig) -> tuple[str, SparseConfig | None]:
     """'full' -> None; 'quest' / 'lrqk:rank=8:budget=64' -> `base` with that policy, the overrides and, unless one
     sets it, top_k = budget - recent - sinks."""
     name, *overrides = spec.split(":")
@@ -108,21 +106,25 @@ def parse_method(spec: str, budget: int, base: LRQKConfig) -> tuple[str, LRQKCon
         if overrides:
             raise ValueError(f"method '{spec}': full attention takes no settings")
         return spec, None
-    if name not in METHOD_POLICY:
-        raise ValueError(f"unknown method '{name}' in '{spec}', expected full or one of {sorted(METHOD_POLICY)}")
-    fields = {f.name: f.type for f in dataclasses.fields(LRQKConfig)}
-    settings, b = {}, budget
+    if name not in POLICIES:
+        raise ValueError(f"unknown method '{name}' in '{spec}', expected one of {', '.join(POLICIES)}")
+    cfg = base.with_policy(name)
+    engine = {f.name: f.type for f in dataclasses.fields(SparseConfig) if f.name not in ("policy", "knobs")}
+    own = {f.name: f.type for f in dataclasses.fields(cfg.knobs)}
+    settings, knobs, b = {}, {}, budget
     for o in overrides:
         key, sep, value = o.partition("=")
-        if not sep or (key not in fields and key != "budget"):
-            raise ValueError(f"method '{spec}': '{o}' is not key=value with key budget or an LRQKConfig field")
+        if not sep or key not in {**engine, **own, "budget": int}:
+            raise ValueError(f"method '{spec}': '{o}' is not key=value with key budget, a SparseConfig field "
+                             f"({', '.join(engine)}) or a knob of {name} ({', '.join(own) or 'none'})")
         if key == "budget":
             b = int(value)
         else:
-            kind = str(fields[key])
-            settings[key] = (int(value) if kind.startswith("int") else float(value) if kind == "float"
-                             else value.lower() in ("1", "true") if kind == "bool" else value)
-    cfg = dataclasses.replace(base, policy=METHOD_POLICY[name], **settings)
+            kind = str({**engine, **own}[key])
+            parsed = (int(value) if kind.startswith("int") else float(value) if kind == "float"
+                      else value.lower() in ("1", "true") if kind == "bool" else value)
+            (knobs if key in own else settings)[key] = parsed
+    cfg = dataclasses.replace(cfg, **settings).tuned(**knobs)
     top_k = b - cfg.recent - cfg.sinks
     if top_k < 1:
         raise ValueError(f"method '{spec}': budget {b} leaves no top-k after recent {cfg.recent} + sinks {cfg.sinks}")
@@ -130,16 +132,12 @@ def parse_method(spec: str, budget: int, base: LRQKConfig) -> tuple[str, LRQKCon
 
 
 @torch.inference_mode()  # no view or version tracking: decode steps ~10% faster than under no_grad here
-def run_item(base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, methods, eos: set[int]) -> dict:
+def run_item(base: SparseDecoder, ctx: list[int], question: list[int], cap: int, methods, eos: set[int]) -> dict:
     """Prefill once, fork every method, then decode the question and answer with all methods as one batch (Lockstep:
-    one model forward per step). Full attention is a fork that keeps every row resident (tested equal to the model's
-    own cache). Per method: (new tokens, stats when its answer ended, decode seconds and batched steps, shared)."""
+    one model forward per step). Full attention is the `full` policy's fork, every row resident (tested equal to the
+    model's own cache). Per method: (new tokens, stats when its answer ended, decode seconds and batched steps, shared)."""
     logits = base.prefill(torch.tensor([ctx]), keep_prompt=True, logits_to_keep=1)
-    # one slot set per cache row stream: per KV head where heads share keys (GQA's groups, the same exact attention
-    # in a third of the pool memory), per row where every head's keys are rebuilt from it (lrkv)
-    every_row = LRQKConfig(rank=1, top_k=base.max_context, recent=1, policy="streaming",
-                           proxy="shared" if cache_layout(base.model.cfg).key_heads > 1 else "group")
-    decoders = [base.fork(every_row if cfg is None else cfg) for _, cfg in methods]
+    decoders = [base.fork(SparseConfig.full(base.max_context) if cfg is None else cfg) for _, cfg in methods]
     M = len(methods)
     lock, live = Lockstep(decoders), list(range(M))  # live: the methods still decoding, in batch order
     t0 = time.perf_counter()
@@ -166,7 +164,7 @@ def run_item(base: LRQKDecoder, ctx: list[int], question: list[int], cap: int, m
     return {label: (outs[i], ended[i] or decoders[i].stats, seconds, steps) for i, (label, _) in enumerate(methods)}
 
 
-def resident_bytes(model, cfg: LRQKConfig | None, length: int) -> int:
+def resident_bytes(model, cfg: SparseConfig | None, length: int) -> int:
     """GPU-resident bytes at `length` tokens in bf16: the full KV cache, or the sparse decoder's GPU plan."""
     if cfg is None:
         return length * model.kv_bytes_per_token(2)
@@ -189,27 +187,26 @@ def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log
         item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
         cap = min(cap, answer_budget(tok, item))
         ctx, question = encode(tok, item.context), encode(tok, item.question)
-        base = LRQKDecoder(model, LRQKConfig(rank=1, top_k=1, recent=1, policy="streaming"),
-                           max_context=len(ctx) + len(question) + cap + 1)
+        base = SparseDecoder(model, SparseConfig(policy="streaming", top_k=1, recent=1),
+                             max_context=len(ctx) + len(question) + cap + 1)
         t0 = time.perf_counter()
         results = run_item(base, ctx, question, cap, methods, eos)
         del base
-        gc.collect()  # decoder layers and policies reference each other: free their tensors per item
         line = []
         for label, cfg in methods:
             tokens, stats, seconds, batch_steps = results[label]
             text = tok.decode(tokens)
-            steps = max(stats["steps"], 1)
-            row_bytes = 2 * geometry(model_cfg, cfg, 1)["row"] if cfg is not None else 0
+            steps = max(stats.steps, 1)
+            row_bytes = 2 * geometry(model_cfg, cfg, 1).row if cfg is not None else 0
             rec = {"length": length, "task": task, "item": i, "method": label,
                    "prompt": len(ctx) + len(question),
                    "score": 100.0 * string_match_all(text, item.answers), "output": text,
                    "answers": item.answers, "gpu_bytes": resident_bytes(model, cfg, len(ctx) + len(question)),
-                   "h2d_per_step": stats["misses"] * row_bytes / steps,
-                   "h2d_no_cache_per_step": stats["selections"] * row_bytes / steps,
-                   "decode_s": seconds, "steps": stats["steps"], "batch_steps": batch_steps}
-            if "recall" in stats:
-                rec["recall"] = stats["recall"]
+                   "h2d_per_step": stats.misses * row_bytes / steps,
+                   "h2d_no_cache_per_step": stats.selections * row_bytes / steps,
+                   "decode_s": seconds, "steps": stats.steps, "batch_steps": batch_steps}
+            if stats.recall is not None:
+                rec["recall"] = stats.recall
             records.append(rec)
             line.append(f"{label} {rec['score']:.0f}")
         if sink is not None:
@@ -285,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error("--export is required (unless --report-only)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = lrqk_config(args, LRQKConfig(measure_recall=args.recall))
+    base = sparse_config(args, SparseConfig(measure_recall=args.recall))
     specs = [s for s in args.methods.split(",") if s]
     methods = [parse_method(s, args.budget, base) for s in specs]
     tasks = args.tasks.split(",")

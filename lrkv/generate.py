@@ -11,7 +11,7 @@ import argparse
 import sys
 import warnings
 
-from lrkv.inference.lrqk.config import add_lrqk_args, lrqk_config
+from lrkv.inference.sparse.config import add_sparse_args, sparse_config
 
 LRQK_FIELDS = ("rank", "top_k", "recent", "sinks", "policy", "sparse_query_tail")  # the flags --cache lrqk takes
 # the parser is built before torch is imported, so these mirror lrkv.inference (tests/test_cli.py checks they agree)
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=CACHE_MODES, default="full",
                    help="full: the model's own KV cache (default); lrqk: the LRQK hybrid GPU-CPU decoder")
     lrqk = p.add_argument_group("lrqk cache (only with --cache lrqk; explicit flags override the preset)")
-    add_lrqk_args(lrqk, dict.fromkeys(LRQK_FIELDS), preset=True)
+    add_sparse_args(lrqk, dict.fromkeys(LRQK_FIELDS), preset=True)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens whose "
@@ -51,7 +51,7 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
 import torch  # noqa: E402
 
 from lrkv.inference.generator import DTYPES, Generator, Sampling  # noqa: E402
-from lrkv.inference.lrqk import MemoryPlanError, check_fits  # noqa: E402
+from lrkv.inference.sparse import MemoryPlanError, check_fits  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,18 +88,18 @@ def print_stats(gen: Generator) -> None:
     if gen.cache == "lrqk":
         c = gen.decoder.cfg  # resolved for this prompt
         print(f"[stats] lrqk settings: {c.summary()}", file=sys.stderr)
-    steps = max(st["steps"], 1)
-    hit_rate = f"{100 * st['hits'] / st['selections']:.1f}%" if st["selections"] else "n/a"
-    print(f"[stats] hit rate {hit_rate} (hits {st['hits']}, misses {st['misses']}, selections {st['selections']}); "
-          f"bytes moved CPU->GPU: total {_bytes(st['bytes_moved'])}, per step {_bytes(st['bytes_moved'] / steps)} "
-          f"over {st['steps']} steps", file=sys.stderr)
+    steps = max(st.steps, 1)
+    hit_rate = f"{100 * st.hits / st.selections:.1f}%" if st.selections else "n/a"
+    print(f"[stats] hit rate {hit_rate} (hits {st.hits}, misses {st.misses}, selections {st.selections}); "
+          f"bytes moved CPU->GPU: total {_bytes(st.bytes_moved)}, per step {_bytes(st.bytes_moved / steps)} "
+          f"over {st.steps} steps", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     gen = Generator.from_checkpoint(args.checkpoint, device=device, dtype=dtype, cache=args.cache,
-                                    lrqk=lrqk_config(args) if args.cache == "lrqk" else None,
+                                    lrqk=sparse_config(args) if args.cache == "lrqk" else None,
                                     strict_context=args.strict_context)
     sampling = Sampling(args.temperature, args.sample_top_k, args.top_p, args.seed)
     if args.cache == "lrqk":  # before any cache memory is allocated

@@ -93,7 +93,7 @@ class CacheLayout:
 
 class LayerCache(Protocol):
     """The contract between an attention module and its layer's cache at inference: one call per forward.
-    KVCache (below) attends exactly; the LRQK decoder's layers (lrkv/inference/lrqk/decoder.py) store the payload
+    KVCache (below) attends exactly; the sparse decoder's layers (lrkv/inference/sparse/engine.py) store the payload
     in their row store and attend over the rows they select."""
 
     def attend(self, module: "Attention", q: torch.Tensor, payload: tuple[torch.Tensor, ...],

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lrkv.config import CONFIG_DIR, Config, _field_comments
-from lrkv.inference.lrqk import LRQKConfig, lrqk_config
+from lrkv.inference.sparse import SparseConfig, sparse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # every command line: how it is started (a path is under the repository) and the program its usage line names
@@ -93,7 +93,7 @@ def code_choices() -> dict[str, list[str]]:
     from eval.long_context import TASKS
     from lrkv.convert_hf import DTYPES as CONVERT_DTYPES
     from lrkv.inference.generator import CACHE_MODES, DTYPES
-    from lrkv.inference.lrqk import POLICIES, PRESETS, LRQKConfig
+    from lrkv.inference.sparse import POLICIES, PRESETS, SparseConfig, policy_class
     from lrkv.kernels.lrkv_attn import SMEM_LIMIT
 
     def braces(names) -> str:
@@ -101,8 +101,8 @@ def code_choices() -> dict[str, list[str]]:
 
     return {
         "lrkv.generate": [braces(CACHE_MODES), braces(sorted(DTYPES)), braces(sorted(PRESETS)), braces(POLICIES),
-                          f"proxy rank r (default {LRQKConfig.rank})",
-                          f"always attended (default {LRQKConfig.recent})"],
+                          f"Loki's PCA rank (default {policy_class('lrqk').Knobs.rank})",
+                          f"always attended (default {SparseConfig.recent})"],
         "lrkv.convert_hf": [braces(sorted(CONVERT_DTYPES))],
         "eval run": [braces(sorted(SUITES))],
         "eval.compare": [f"(default {','.join(VARIANTS)})"],
@@ -131,49 +131,49 @@ def parser_of(name: str):
     return importlib.import_module(name).parser()
 
 
-# every command line with LRQK flags: its required arguments, then (argv, the LRQKConfig and sweep lists it reads
+# every command line with LRQK flags: its required arguments, then (argv, the SparseConfig and sweep lists it reads
 # back) with no LRQK flag (each command's defaults as before the shared helper) and with some given
 LRQK_COMMANDS = {
     "lrkv.generate": (["--checkpoint", "x", "--prompt", "p"],
-                      ([], LRQKConfig(), {}),
+                      ([], SparseConfig(), {}),
                       (["--lrqk-preset", "accuracy", "--recent", "7", "--policy", "h2o", "--sparse-query-tail", "2"],
-                       LRQKConfig(rank=64, top_k=4096, recent=7, policy="h2o", sparse_query_tail=2), {})),
+                       SparseConfig(top_k=4096, recent=7, policy="h2o", sparse_query_tail=2).tuned(rank=64), {})),
     "eval.long_context": (["--export", "x"],
-                          ([], LRQKConfig(rank=8, top_k=64, recent=16, sinks=4), {}),
+                          ([], SparseConfig(top_k=64, recent=16, sinks=4).tuned(rank=8), {}),
                           (["--rank", "3", "--top-k", "9", "--recent", "2", "--sinks", "0", "--seed", "5"],
-                           LRQKConfig(rank=3, top_k=9, recent=2, sinks=0), {})),  # --seed is the items' seed
+                           SparseConfig(top_k=9, recent=2, sinks=0).tuned(rank=3), {})),  # --seed is the items' seed
     "eval.ruler": ([],
-                   ([], LRQKConfig(rank=32, recent=32, sinks=4), {}),
+                   ([], SparseConfig(recent=32, sinks=4).tuned(rank=32), {}),
                    (["--rank", "4", "--recent", "8", "--sinks", "2", "--budget", "24"],
-                    LRQKConfig(rank=4, recent=8, sinks=2), {})),
+                    SparseConfig(recent=8, sinks=2).tuned(rank=4), {})),
     "eval.lrqk_agreement": (["--export", "x"],
-                            ([], LRQKConfig(recent=16, sinks=4), {"ranks": [4, 8, 16], "top_ks": [16, 32, 64]}),
-                            (["--ranks", "2,3", "--top-ks", "5", "--recent", "1"], LRQKConfig(recent=1, sinks=4),
+                            ([], SparseConfig(recent=16, sinks=4), {"ranks": [4, 8, 16], "top_ks": [16, 32, 64]}),
+                            (["--ranks", "2,3", "--top-ks", "5", "--recent", "1"], SparseConfig(recent=1, sinks=4),
                              {"ranks": [2, 3], "top_ks": [5]})),
     "benchmarks/decode.py": ([],
-                             ([], LRQKConfig(sinks=0, proxy="shared"), {"policies": ["lrqk"]}),
+                             ([], SparseConfig(sinks=0, proxy="shared"), {"policies": ["lrqk"]}),
                              (["--lrqk-preset", "memory", "--sinks", "2", "--proxy", "group", "--policies",
-                               "exact,quest"], LRQKConfig(rank=16, top_k=1024, recent=32, sinks=2, proxy="group"),
+                               "exact,quest"], SparseConfig(top_k=1024, recent=32, sinks=2, proxy="group").tuned(rank=16),
                               {"policies": ["exact", "quest"]})),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LRQK_COMMANDS))
-def test_lrqk_flags_read_back_the_same_way_everywhere(name):
-    """add_lrqk_args/lrqk_config: each command keeps its flag names and defaults; --lrqk-preset sets rank/top-k/
+def test_sparse_flags_read_back_the_same_way_everywhere(name):
+    """add_sparse_args/sparse_config: each command keeps its flag names and defaults; --lrqk-preset sets rank/top-k/
     recent and explicit flags override it; swept fields are comma lists the command iterates."""
     required, *cases = LRQK_COMMANDS[name]
     for argv, expected, sweeps in cases:
         args = parser_of(name).parse_args(required + argv)
-        assert lrqk_config(args) == expected
+        assert sparse_config(args) == expected
         assert {k: getattr(args, k) for k in sweeps} == sweeps
 
 
 def test_lrqk_base_config_applies_without_a_preset_and_bad_lists_are_usage_errors(capsys):
     p = parser_of("benchmarks/decode.py")
-    base = LRQKConfig(rank=8, top_k=256)  # the benchmark's defaults that depend on the model and device
-    assert lrqk_config(p.parse_args(["--top-k", "9"]), base) == LRQKConfig(rank=8, top_k=9)
-    assert lrqk_config(p.parse_args(["--lrqk-preset", "paper"]), base) == LRQKConfig(rank=32, top_k=2048, recent=64)
+    base = SparseConfig(top_k=256).tuned(rank=8)  # the benchmark's defaults that depend on the model and device
+    assert sparse_config(p.parse_args(["--top-k", "9"]), base) == SparseConfig(top_k=9).tuned(rank=8)
+    assert sparse_config(p.parse_args(["--lrqk-preset", "paper"]), base) == SparseConfig(top_k=2048, recent=64).tuned(rank=32)
     with pytest.raises(SystemExit) as e:
         parser_of("eval.lrqk_agreement").parse_args(["--export", "x", "--ranks", "4,y"])
     assert e.value.code == 2

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from lrkv.convert_hf import ConvertError, convert, hf_model_config
 from lrkv.export import load_export
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
+from lrkv.inference.sparse import SparseConfig, SparseDecoder
 
 VOCAB, PROMPT, STEPS = 128, 12, 16
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -164,7 +164,7 @@ def test_lrqk_with_every_token_resident_decodes_like_full_cache(llama_folder, tm
     torch.manual_seed(2)
     prompt = torch.randint(0, VOCAB, (1, PROMPT))
     recent = 4  # top_k + recent == the final length: every token stays resident, just
-    decoder = LRQKDecoder(model, LRQKConfig(rank=8, top_k=PROMPT + STEPS - recent, recent=recent))
+    decoder = SparseDecoder(model, SparseConfig(top_k=PROMPT + STEPS - recent, recent=recent).tuned(rank=8))
     cache = model.new_cache()
     with torch.no_grad():
         full, sparse = model(prompt, cache=cache)[:, -1], decoder.prefill(prompt)[:, -1]

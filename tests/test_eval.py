@@ -17,7 +17,7 @@ from eval.lrqk_agreement import agreement
 from eval.perplexity import perplexity, source_tokens
 from eval.recall_study import MQARTask, mqar_accuracy, train_mqar
 from lrkv.config import ModelConfig, validate_model
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
+from lrkv.inference.sparse import SparseConfig, SparseDecoder
 from lrkv.model import Transformer
 from lrkv.rundir import RunDir, export_label
 from lrkv.tokenizer import train_tokenizer
@@ -316,10 +316,10 @@ def test_lrqk_agreement_is_exact_when_everything_is_resident_and_lossy_otherwise
     torch.manual_seed(0)
     model = Transformer(tiny(attn, max_seq_len=64)).eval()
     windows = [torch.randint(1, 400, (40,)) for _ in range(2)]
-    full = agreement(model, windows, 32, LRQKConfig(rank=4, top_k=64, recent=4, sinks=0))
+    full = agreement(model, windows, 32, SparseConfig(top_k=64, recent=4, sinks=0).tuned(rank=4))
     assert full["recall"] == 1.0 and full["mass"] == pytest.approx(1.0) and full["agree"] == 1.0
     assert full["rel_err"] < 1e-5 and abs(full["kl"]) < 1e-6
-    sparse = agreement(model, windows, 32, LRQKConfig(rank=4, top_k=2, recent=2, sinks=0, policy="exact"))
+    sparse = agreement(model, windows, 32, SparseConfig(top_k=2, recent=2, sinks=0, policy="exact").tuned(rank=4))
     assert sparse["recall"] == 1.0  # oracle selection: the exact top-k by construction
     assert 0.0 < sparse["mass"] < 1.0 and sparse["rel_err"] > 1e-3
 
@@ -328,7 +328,7 @@ def test_long_context_harness_lrqk_matches_full_when_nothing_is_dropped(tok):
     torch.manual_seed(0)
     model = Transformer(tiny("lrkv", max_seq_len=256)).eval()
     rows = evaluate(model, tok, ["passkey"], [200], 2, ["full", "lrqk"],
-                    LRQKConfig(rank=4, top_k=256, recent=4, sinks=0), [0.5])
+                    SparseConfig(top_k=256, recent=4, sinks=0).tuned(rank=4), [0.5])
     assert [r["cache"] for r in rows] == ["full", "lrqk"]
     assert rows[1]["same as full %"] == 100.0 and 0.0 <= rows[0]["score"] <= 100.0
 
@@ -339,12 +339,14 @@ def test_long_context_harness_lrqk_matches_full_when_nothing_is_dropped(tok):
 def test_ruler_method_specs_share_one_budget():
     from eval.ruler import parse_method
 
-    base = LRQKConfig(rank=32, recent=32, sinks=4)
+    base = SparseConfig(recent=32, sinks=4).tuned(rank=32)
     assert parse_method("full", 256, base) == ("full", None)
     label, cfg = parse_method("lrqk:rank=8:budget=64", 256, base)
-    assert (cfg.policy, cfg.rank, cfg.top_k, cfg.recent + cfg.sinks + cfg.top_k) == ("lrqk", 8, 28, 64)
-    assert parse_method("exact_topk:sinks=0", 256, base)[1].top_k == 224
-    for bad, message in (("bogus", "unknown method"), ("quest:page=3", "not key=value"),
+    assert (cfg.policy, cfg.knobs.rank, cfg.top_k, cfg.recent + cfg.sinks + cfg.top_k) == ("lrqk", 8, 28, 64)
+    assert parse_method("exact:sinks=0", 256, base)[1].top_k == 224
+    assert parse_method("quest:page=8", 256, base)[1].knobs.page == 8  # a knob of that policy only
+    assert parse_method("loki", 256, base)[1].knobs.rank == 32  # the shared rank flag reaches Loki too
+    for bad, message in (("bogus", "unknown method"), ("quest:rank=3", "not key=value"), ("lrqk:page=8", "a knob of lrqk \\(rank, "),
                          ("loki:budget=30", "leaves no top-k"), ("full:rank=2", "takes no settings")):
         with pytest.raises(ValueError, match=message):
             parse_method(bad, 256, base)
@@ -356,8 +358,8 @@ def test_ruler_every_method_equals_full_when_the_budget_covers_the_prompt(tok):
 
     torch.manual_seed(0)
     model = Transformer(tiny("gqa", max_seq_len=512)).eval()
-    base = LRQKConfig(rank=4, recent=8, sinks=2)
-    specs = ["full", "lrqk", "exact_topk", "quest", "loki", "h2o", "streaming"]
+    base = SparseConfig(recent=8, sinks=2).tuned(rank=4)
+    specs = ["full", "lrqk", "exact", "quest", "loki", "h2o", "streaming"]
     wide = [parse_method(m, 1024, base) for m in specs]
     quiet = {"eos": set(), "log": lambda *a, **k: None}
     records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, wide, **quiet)
@@ -374,15 +376,15 @@ def test_ruler_every_method_equals_full_when_the_budget_covers_the_prompt(tok):
 
 def test_ruler_methods_that_stop_leave_the_batch_without_changing_the_others(tok):
     from eval.ruler import parse_method, run_item
-    from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder
+    from lrkv.inference.sparse import SparseConfig, SparseDecoder
 
     torch.manual_seed(0)
     model = Transformer(tiny("gqa", max_seq_len=512)).eval()
-    methods = [parse_method(m, 24, LRQKConfig(rank=4, recent=8, sinks=2)) for m in ("full", "lrqk", "streaming", "h2o")]
+    methods = [parse_method(m, 24, SparseConfig(recent=8, sinks=2).tuned(rank=4)) for m in ("full", "lrqk", "streaming", "h2o")]
     ctx, question = list(range(5, 205)), [7, 8, 9]
 
     def run(ms, eos):
-        base = LRQKDecoder(model, LRQKConfig(rank=1, top_k=1, recent=1, policy="streaming"), max_context=260)
+        base = SparseDecoder(model, SparseConfig(top_k=1, recent=1, policy="streaming").tuned(rank=1), max_context=260)
         return {label: out for label, (out, *_) in run_item(base, ctx, question, 40, ms, eos).items()}
 
     free = run(methods, set())
@@ -522,8 +524,8 @@ def test_train_mqar_learns_recall_and_lrqk_keeping_every_key_answers_the_same():
     assert [s for s, _ in curve] == [50, 100, 150]
     assert curve[-1][1] > 0.9  # chance is 1/8 for a value, 1/4 for guessing among the pairs present
     assert mqar_accuracy(model, task, 128, seed=10_000) == curve[-1][1]
-    keep_all = LRQKConfig(rank=4, top_k=8, recent=1, sparse_query_tail=task.queries)  # 8 >= the 5 earlier tokens
-    assert mqar_accuracy(LRQKDecoder(model, keep_all).prefill, task, 128, seed=10_000) == curve[-1][1]
+    keep_all = SparseConfig(top_k=8, recent=1, sparse_query_tail=task.queries).tuned(rank=4)  # 8 >= the 5 earlier tokens
+    assert mqar_accuracy(SparseDecoder(model, keep_all).prefill, task, 128, seed=10_000) == curve[-1][1]
 
 
 @pytest.mark.parametrize("command", [["eval.ruler", "--export"], ["eval", "perplexity", "--export"]])

@@ -15,10 +15,10 @@ from lrkv.export import save_export
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from lrkv.generate import lrqk_config, main, parse_args
+from lrkv.generate import sparse_config, main, parse_args
 from lrkv.inference import generator
 from lrkv.inference.generator import GenerateError, Generator, Sampling, _settled, filter_logits, next_tokens
-from lrkv.inference.lrqk import LRQKConfig
+from lrkv.inference.sparse import SparseConfig
 from lrkv.model import Transformer
 from lrkv.tokenizer import EOS, train_tokenizer
 
@@ -79,7 +79,7 @@ def test_greedy_equals_full_forward_loop_and_batching_equals_alone(exports, attn
         assert gen.generate([prompt], max_new_tokens=12)[0] == c
         assert c.finish_reason == ("stop" if expected[-1] in gen.eos else "length")
     assert gen.timing["prefill_tokens"] == len(gen.encode(PROMPTS[-1]))
-    assert gen.decoder.stats["steps"] == gen.timing["decode_tokens"] == 11
+    assert gen.decoder.stats.steps == gen.timing["decode_tokens"] == 11
 
 
 def test_filter_logits_top_k_and_top_p():
@@ -264,12 +264,12 @@ def test_streaming_decodes_each_token_once_however_long_the_text(exports, monkey
 @pytest.mark.parametrize("attn, tail", [("lrkv", 1), ("gqa", 0)])
 def test_lrqk_with_everything_resident_gives_the_full_tokens(exports, attn, tail):
     full = Generator.from_checkpoint(exports[attn])
-    cfg = LRQKConfig(rank=8, top_k=32, recent=16, sparse_query_tail=tail)  # top_k + recent >= every context here
+    cfg = SparseConfig(top_k=32, recent=16, sparse_query_tail=tail).tuned(rank=8)  # top_k + recent >= every context here
     lrqk = Generator.from_checkpoint(exports[attn], cache="lrqk", lrqk=cfg)
     assert [c.tokens for c in lrqk.generate(PROMPTS, max_new_tokens=16)] == \
         [c.tokens for c in full.generate(PROMPTS, max_new_tokens=16)]
     stats = lrqk.decoder.stats
-    assert stats["steps"] == 15 + tail and stats["hits"] + stats["misses"] == stats["selections"]
+    assert stats.steps == 15 + tail and stats.hits + stats.misses == stats.selections
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -335,14 +335,14 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(tmp_path, tokenizer_file,
 def test_memory_plan_that_does_not_fit_is_refused(exports, capsys):
     plan, err = _error(capsys, "--checkpoint", str(exports["lrkv"]), "--prompt", "We", "--cache", "lrqk",
                        "--rank", "8", "--max-new-tokens", str(10**12))
-    assert plan.startswith("[memory plan] LRQK memory plan: CPU") and "GPU" in plan
-    assert "LRQK plan needs" in err and "are free" in err
+    assert plan.startswith("[memory plan] sparse memory plan: CPU") and "GPU" in plan
+    assert "sparse decoder plan needs" in err and "are free" in err
 
 
-def test_cli_lrqk_flags_preset_overrides_and_full_cache_refusal(exports, capsys):
+def test_cli_sparse_flags_preset_overrides_and_full_cache_refusal(exports, capsys):
     args = parse_args(["--checkpoint", "x", "--prompt", "p", "--cache", "lrqk", "--lrqk-preset", "memory",
                        "--top-k", "100", "--sparse-query-tail", "3"])
-    assert lrqk_config(args) == LRQKConfig(rank=16, top_k=100, recent=32, sparse_query_tail=3)
+    assert sparse_config(args) == SparseConfig(top_k=100, recent=32, sparse_query_tail=3).tuned(rank=16)
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(exports["lrkv"]), "--prompt", "We", "--top-k", "8"])
     assert e.value.code == 2 and "only apply to --cache lrqk" in capsys.readouterr().err

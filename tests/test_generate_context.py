@@ -10,7 +10,7 @@ from lrkv.config import ModelConfig
 from lrkv.export import save_export
 from lrkv.generate import main
 from lrkv.inference.generator import ContextLengthWarning, GenerateError, Generator
-from lrkv.inference.lrqk import LRQKConfig
+from lrkv.inference.sparse import SparseConfig
 from lrkv.model import Transformer
 from lrkv.tokenizer import train_tokenizer
 
@@ -30,7 +30,7 @@ def export(tmp_path_factory):
 
 @pytest.mark.parametrize("cache", ["full", "lrqk"])
 def test_past_max_seq_len_warns_once_with_the_numbers(export, cache):
-    gen = Generator.from_checkpoint(export, cache=cache, lrqk=LRQKConfig(rank=8, top_k=8, recent=8))
+    gen = Generator.from_checkpoint(export, cache=cache, lrqk=SparseConfig(top_k=8, recent=8).tuned(rank=8))
     prompt = next(TEXT[:i] for i in range(len(TEXT)) if len(gen.tokenizer.encode(TEXT[:i]).ids) == LIMIT - 8)
     n = len(gen.tokenizer.encode(prompt).ids)
     assert n < LIMIT < n + 20
@@ -43,7 +43,7 @@ def test_past_max_seq_len_warns_once_with_the_numbers(export, cache):
     assert [str(w.message) for w in caught] == [f"prompt {n} + 20 new tokens > max_seq_len {LIMIT}: positions past "
                                                 f"{LIMIT} were never trained"]
     assert caught[0].category is ContextLengthWarning
-    strict = Generator.from_checkpoint(export, cache=cache, lrqk=LRQKConfig(rank=8, top_k=8, recent=8),
+    strict = Generator.from_checkpoint(export, cache=cache, lrqk=SparseConfig(top_k=8, recent=8).tuned(rank=8),
                                        strict_context=True)
     with pytest.raises(GenerateError, match=rf"prompt {n} \+ 20 new tokens > max_seq_len {LIMIT}"):
         strict.generate([prompt], max_new_tokens=20)

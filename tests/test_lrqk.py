@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lrkv.inference.lrqk as lrqk
 from lrkv.config import ModelConfig, validate_model
-from lrkv.inference.cache import HostToDevice, RowStore, SlotPool
 from lrkv.inference.full import FullDecoder
-from lrkv.inference.lrqk import (LRQKConfig, LRQKDecoder, MemoryPlanError, als_factorize, als_objective,
-                                 decode_solve, kaczmarz)
-from lrkv.inference.lrqk.policies import select_top_k
+from lrkv.inference.sparse import POLICIES, MemoryPlanError, SparseConfig, SparseDecoder, plan, registry
+from lrkv.inference.sparse.policies.lowrank import als_factorize, als_objective, decode_solve, kaczmarz
+from lrkv.inference.sparse.policy import select_top_k
+from lrkv.inference.sparse.store import HostToDevice, RowStore, SlotPool
 from lrkv.kernels.reference import rope
 from lrkv.model import Transformer, rope_tables
 
@@ -72,27 +71,27 @@ def test_exact_when_top_k_plus_recent_covers_context(attn, proxy, sinks):
     model = build(attn)
     idx, valid = padded_batch([21, 13])
     full = greedy(FullDecoder(model), idx, valid, 32)
-    cfg = LRQKConfig(rank=4, top_k=40, recent=16, sinks=sinks, proxy=proxy)  # 56 >= 21 + 32 tokens
-    dec = LRQKDecoder(model, cfg)
+    cfg = SparseConfig(top_k=40, recent=16, sinks=sinks, proxy=proxy).tuned(rank=4)  # 56 >= 21 + 32 tokens
+    dec = SparseDecoder(model, cfg)
     sparse = greedy(dec, idx, valid, 32)
     torch.testing.assert_close(sparse, full, rtol=0, atol=1e-5)
     assert torch.equal(sparse[:, -32:].argmax(-1), full[:, -32:].argmax(-1))
-    assert dec.stats["steps"] == 32 and dec.stats["misses"] == 0  # everything stays resident
-    tail = LRQKDecoder(model, dataclasses.replace(cfg, sparse_query_tail=5))
+    assert dec.stats.steps == 32 and dec.stats.misses == 0  # everything stays resident
+    tail = SparseDecoder(model, dataclasses.replace(cfg, sparse_query_tail=5))
     with torch.no_grad():
         torch.testing.assert_close(tail.prefill(idx, valid), full[:, : idx.shape[1]], rtol=0, atol=1e-5)
-    assert tail.stats["steps"] == 5
+    assert tail.stats.steps == 5
 
 
 @pytest.mark.parametrize("attn", ["lrkv", "gqa"])
 def test_offloaded_and_on_device_paths_agree(attn):
     model = build(attn)
     idx, valid = padded_batch([40, 29])
-    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sinks=1)
-    decs = [LRQKDecoder(model, cfg, offload=offload) for offload in (True, False)]
+    cfg = SparseConfig(top_k=8, recent=4, sinks=1).tuned(rank=4)
+    decs = [SparseDecoder(model, cfg, offload=offload) for offload in (True, False)]
     a, b = (greedy(d, idx, valid, 12) for d in decs)
     assert torch.equal(a, b)
-    assert decs[0].stats == decs[1].stats and decs[0].stats["misses"] > 0
+    assert decs[0].stats == decs[1].stats and decs[0].stats.misses > 0
 
 
 # ------------------------------------------------------------------------------------------ 2. oracle selection
@@ -159,9 +158,9 @@ def scratch_sparse_generate(model, idx, steps, top_k, recent, sinks, heads_per_s
 def test_oracle_selection_equals_scratch_exact_top_k(attn, proxy):
     model = build(attn)
     idx = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(3))
-    cfg = LRQKConfig(rank=4, top_k=6, recent=5, sinks=2, policy="exact", proxy=proxy)
+    cfg = SparseConfig(top_k=6, recent=5, sinks=2, policy="exact", proxy=proxy).tuned(rank=4)
     with torch.no_grad():
-        ours = greedy(LRQKDecoder(model, cfg), idx, None, 10)
+        ours = greedy(SparseDecoder(model, cfg), idx, None, 10)
         ref = scratch_sparse_generate(model, idx, 10, 6, 5, 2, {"lrkv": 4, "shared": 1, "group": 2}[
             "lrkv" if attn == "lrkv" else proxy])
         full = greedy(FullDecoder(model), idx, None, 10)
@@ -192,15 +191,15 @@ def test_select_top_k_against_a_per_stream_sort(heads, k):
 def test_cache_invariants_every_step(attn, capacity):
     model = build(attn)
     idx, valid = padded_batch([50, 37])
-    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sinks=2, gpu_capacity=capacity)
-    dec = LRQKDecoder(model, cfg)
+    cfg = SparseConfig(top_k=8, recent=4, sinks=2, gpu_capacity=capacity).tuned(rank=4)
+    dec = SparseDecoder(model, cfg)
     with torch.no_grad():
         tok = dec.prefill(idx, valid)[:, -1:].argmax(-1)
         pad = (~valid).sum(1)
         for _ in range(15):
             tok = dec.step(tok).argmax(-1)
-            last, L = dec.stats["last_step"], dec.length
-            assert last["hits"] + last["misses"] == last["selections"]
+            last, L = dec.stats.last_step, dec.length
+            assert last.hits + last.misses == last.selections
             for layer in dec.state.layers:
                 pool = layer.pool
                 row_bytes = pool.slots.shape[2] * pool.slots.element_size()
@@ -220,10 +219,10 @@ def test_cache_invariants_every_step(attn, capacity):
                     assert active == sel | sinks | recent
                     if capacity is None:
                         assert set(resident) == active
-            assert last["bytes_moved"] == last["misses"] * row_bytes
+            assert last.bytes_moved == last.misses * row_bytes
     s = dec.stats
-    assert s["hits"] + s["misses"] == s["selections"] and s["bytes_moved"] == s["misses"] * row_bytes
-    assert 0 < s["misses"] < s["selections"]
+    assert s.hits + s.misses == s.selections and s.bytes_moved == s.misses * row_bytes
+    assert 0 < s.misses < s.selections
 
 
 def test_pool_repeated_query_has_no_misses_and_lru_eviction():
@@ -283,9 +282,9 @@ def test_als_objective_non_increasing_and_kaczmarz_is_exact():
 
 def proxy_recall(model, cfg, steps=12):
     idx = torch.randint(1, 97, (2, 160), generator=torch.Generator().manual_seed(5))
-    dec = LRQKDecoder(model, dataclasses.replace(cfg, measure_recall=True))
+    dec = SparseDecoder(model, dataclasses.replace(cfg, measure_recall=True))
     greedy(dec, idx, None, steps)
-    return min(dec.stats["recall"])
+    return min(dec.stats.recall)
 
 
 def test_proxy_recall_at_k():
@@ -295,12 +294,12 @@ def test_proxy_recall_at_k():
     r=16: 1.00 / 1.00; lrkv shared r=8: 0.33 / 0.28 (one A_K spans all heads' keys, which the normal-init residual
     B_h makes very different). r = head_dim must be near-exact: that checks the ALS, the q̂/k̂ solve, the
     Kaczmarz update and the selection end to end."""
-    base = LRQKConfig(top_k=16, recent=8)
+    base = SparseConfig(top_k=16, recent=8)
     gqa, lrkv_model = build("gqa"), build("lrkv")
-    assert proxy_recall(gqa, dataclasses.replace(base, rank=16)) >= 0.97
-    assert proxy_recall(lrkv_model, dataclasses.replace(base, rank=16, proxy="per_head")) >= 0.97
-    assert proxy_recall(gqa, dataclasses.replace(base, rank=8)) >= 0.4
-    assert proxy_recall(lrkv_model, dataclasses.replace(base, rank=8)) >= 0.25
+    assert proxy_recall(gqa, base.tuned(rank=16)) >= 0.97
+    assert proxy_recall(lrkv_model, dataclasses.replace(base, proxy="per_head").tuned(rank=16)) >= 0.97
+    assert proxy_recall(gqa, base.tuned(rank=8)) >= 0.4
+    assert proxy_recall(lrkv_model, base.tuned(rank=8)) >= 0.25
 
 
 # ------------------------------------------------------------------------------------------ errors, plan
@@ -308,16 +307,16 @@ def test_proxy_recall_at_k():
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="does not support attention 'mla'"):
-        LRQKDecoder(build("mla"), LRQKConfig())
+        SparseDecoder(build("mla"), SparseConfig())
     model = build("lrkv")
     model.layers[1].attn = build("gqa").layers[1].attn  # module no longer matches model.cfg
     with pytest.raises(ValueError, match="layer 1: attention module GroupedQueryAttention does not match"):
-        LRQKDecoder(model, LRQKConfig(rank=4))
+        SparseDecoder(model, SparseConfig().tuned(rank=4))
     with pytest.raises(ValueError, match="gpu_capacity 10 < top_k"):
-        LRQKDecoder(build("gqa"), LRQKConfig(rank=4, top_k=8, recent=4, gpu_capacity=10))
+        SparseDecoder(build("gqa"), SparseConfig(top_k=8, recent=4, gpu_capacity=10).tuned(rank=4))
     with pytest.raises(ValueError, match="rank must be in"):
-        LRQKDecoder(build("gqa"), LRQKConfig(rank=32))
-    dec = LRQKDecoder(build("gqa"), LRQKConfig(rank=4))
+        SparseDecoder(build("gqa"), SparseConfig().tuned(rank=32))
+    dec = SparseDecoder(build("gqa"), SparseConfig().tuned(rank=4))
     with pytest.raises(RuntimeError, match="before prefill"):
         dec.step(torch.zeros(1, 1, dtype=torch.long))
 
@@ -327,10 +326,10 @@ def test_clear_errors():
 def test_memory_plan_matches_allocation_and_independent_count(attn, proxy, offload):
     model = build(attn)
     m = model.cfg
-    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sinks=1, proxy=proxy)
+    cfg = SparseConfig(top_k=8, recent=4, sinks=1, proxy=proxy).tuned(rank=4)
     B, ctx = 2, 64
-    plan = LRQKDecoder.memory_plan(m, cfg, B, ctx, offload=offload)
-    dec = LRQKDecoder(model, cfg, offload=offload, max_context=ctx)
+    plan = SparseDecoder.memory_plan(m, cfg, B, ctx, offload=offload)
+    dec = SparseDecoder(model, cfg, offload=offload, max_context=ctx)
     greedy(dec, *padded_batch([30, 20]), 3)
     assert dec.allocated_bytes() == (plan.cpu_bytes, plan.gpu_bytes)
     # independent count, fp32: per layer store rows + pool rows + maps + factors; one staging buffer and mask
@@ -351,38 +350,38 @@ def test_memory_plan_matches_allocation_and_independent_count(attn, proxy, offlo
 
 def test_memory_plan_in_bf16_halves_the_growing_proxy():
     model = build("lrkv").to(torch.bfloat16)
-    cfg = LRQKConfig(rank=4, top_k=8, recent=4)
+    cfg = SparseConfig(top_k=8, recent=4).tuned(rank=4)
     B, ctx = 2, 64
-    plan = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx, dtype=torch.bfloat16)
-    dec = LRQKDecoder(model, cfg, max_context=ctx)
+    plan = SparseDecoder.memory_plan(model.cfg, cfg, B, ctx, dtype=torch.bfloat16)
+    dec = SparseDecoder(model, cfg, max_context=ctx)
     greedy(dec, *padded_batch([30, 20]), 3)
     assert dec.allocated_bytes() == (plan.cpu_bytes, plan.gpu_bytes)
-    fp32 = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx, dtype=torch.float32)
+    fp32 = SparseDecoder.memory_plan(model.cfg, cfg, B, ctx, dtype=torch.float32)
     # A_K (layers x proxies x ctx x r) is stored in the model dtype; B_Q, B_K stay fp32
     assert fp32.detail["policy"] - plan.detail["policy"] == 2 * B * ctx * 4 * 2
 
 
 def test_memory_plan_refused_when_it_does_not_fit(monkeypatch):
-    monkeypatch.setattr(lrqk.plan, "free_host_bytes", lambda: 1000)
-    dec = LRQKDecoder(build("lrkv"), LRQKConfig(rank=4))
+    monkeypatch.setattr(plan, "free_host_bytes", lambda: 1000)
+    dec = SparseDecoder(build("lrkv"), SparseConfig().tuned(rank=4))
     with pytest.raises(MemoryPlanError, match=r"needs \d+ bytes of host memory, only 1000 are free"):
         dec.prefill(torch.ones(1, 8, dtype=torch.long))
 
 
 def test_prefill_logits_to_keep_with_sparse_tail():
     model = build("lrkv")
-    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sparse_query_tail=2)
+    cfg = SparseConfig(top_k=8, recent=4, sparse_query_tail=2).tuned(rank=4)
     idx = torch.randint(0, model.cfg.vocab_size, (1, 20))
-    all_logits = LRQKDecoder(model, cfg).prefill(idx)
+    all_logits = SparseDecoder(model, cfg).prefill(idx)
     for keep in (1, 2, 5):
-        torch.testing.assert_close(LRQKDecoder(model, cfg).prefill(idx, logits_to_keep=keep), all_logits[:, -keep:],
+        torch.testing.assert_close(SparseDecoder(model, cfg).prefill(idx, logits_to_keep=keep), all_logits[:, -keep:],
                                    rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ 6. selection policies
 
 
-POLICY_NAMES = ["lrqk", "exact", "streaming", "h2o", "quest", "loki"]
+POLICY_NAMES = list(POLICIES)  # every registered policy, "full" included
 
 
 STREAMS = [("lrkv", "shared"), ("gqa", "shared"), ("gqa", "group")]  # per layer, per query head, per KV head
@@ -394,8 +393,8 @@ def test_every_policy_is_exact_when_the_budget_covers_the_context(attn, proxy, p
     model = build(attn)
     idx, valid = padded_batch([21, 13])
     full = greedy(FullDecoder(model), idx, valid, 12)
-    cfg = LRQKConfig(rank=4, top_k=40, recent=8, sinks=1, policy=policy, proxy=proxy)
-    sparse = greedy(LRQKDecoder(model, cfg), idx, valid, 12)
+    cfg = SparseConfig(top_k=40, recent=8, sinks=1, policy=policy, proxy=proxy).tuned(rank=4)
+    sparse = greedy(SparseDecoder(model, cfg), idx, valid, 12)
     torch.testing.assert_close(sparse, full, rtol=0, atol=1e-5)
 
 
@@ -403,13 +402,13 @@ def test_every_policy_is_exact_when_the_budget_covers_the_context(attn, proxy, p
 def test_forks_of_one_prefill_equal_fresh_decoders(attn):
     model = build(attn)
     idx = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(5))
-    base = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, policy="streaming"))
+    base = SparseDecoder(model, SparseConfig(top_k=6, recent=4, policy="streaming").tuned(rank=4))
     with torch.no_grad():
         base.prefill(idx, keep_prompt=True)
         tok = idx[:, -1:]
         for policy in POLICY_NAMES:
-            cfg = LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy=policy)
-            fresh = LRQKDecoder(model, cfg)
+            cfg = SparseConfig(top_k=6, recent=4, sinks=1, policy=policy).tuned(rank=4)
+            fresh = SparseDecoder(model, cfg)
             fresh.prefill(idx)
             fork = base.fork(cfg)
             for _ in range(6):
@@ -420,9 +419,9 @@ def test_forks_of_one_prefill_equal_fresh_decoders(attn):
         fresh.prefill(idx)
         assert torch.equal(full.step(tok), fresh.step(tok))
     with pytest.raises(RuntimeError, match="keep_prompt"):
-        fresh_lrqk = LRQKDecoder(model, LRQKConfig(rank=4))
+        fresh_lrqk = SparseDecoder(model, SparseConfig().tuned(rank=4))
         fresh_lrqk.prefill(idx)
-        fresh_lrqk.fork(LRQKConfig(rank=4))
+        fresh_lrqk.fork(SparseConfig().tuned(rank=4))
 
 
 def attended_tokens(layer) -> list[set[int]]:
@@ -433,7 +432,7 @@ def attended_tokens(layer) -> list[set[int]]:
 def test_streaming_attends_sinks_and_the_newest_tokens():
     model = build("gqa")
     idx = torch.randint(1, 97, (1, 50), generator=torch.Generator().manual_seed(1))
-    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=7, recent=5, sinks=2, policy="streaming"))
+    dec = SparseDecoder(model, SparseConfig(top_k=7, recent=5, sinks=2, policy="streaming").tuned(rank=4))
     with torch.no_grad():
         tok = dec.prefill(idx)[:, -1:].argmax(-1)
         for _ in range(8):
@@ -442,7 +441,7 @@ def test_streaming_attends_sinks_and_the_newest_tokens():
             want = set(range(2)) | set(range(L - 12, L))
             for layer in dec.state.layers:
                 assert all(s == want for s in attended_tokens(layer))
-    assert dec.stats["misses"] == 0  # the newest candidate was in the recent window a step earlier
+    assert dec.stats.misses == 0  # the newest candidate was in the recent window a step earlier
 
 
 def test_loki_at_full_rank_selects_what_the_oracle_selects():
@@ -450,7 +449,7 @@ def test_loki_at_full_rank_selects_what_the_oracle_selects():
     idx = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(2))
     picks = {}
     for policy, rank in (("exact", 4), ("loki", 16)):  # rank = head_dim: the PCA basis is a rotation
-        dec = LRQKDecoder(model, LRQKConfig(rank=rank, top_k=5, recent=4, sinks=1, policy=policy))
+        dec = SparseDecoder(model, SparseConfig(top_k=5, recent=4, sinks=1, policy=policy).tuned(rank=rank))
         with torch.no_grad():
             tok = dec.prefill(idx)[:, -1:].argmax(-1)
             picks[policy] = []
@@ -460,7 +459,7 @@ def test_loki_at_full_rank_selects_what_the_oracle_selects():
     for a, b in zip(picks["exact"], picks["loki"]):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
-    low = LRQKDecoder(model, LRQKConfig(rank=2, top_k=5, recent=4, sinks=1, policy="loki"))
+    low = SparseDecoder(model, SparseConfig(top_k=5, recent=4, sinks=1, policy="loki").tuned(rank=2))
     with torch.no_grad():
         low.prefill(idx)
         low.step(idx[:, -1:])
@@ -471,7 +470,7 @@ def test_loki_at_full_rank_selects_what_the_oracle_selects():
 def test_quest_page_bounds_and_page_ranked_selection():
     model = build("gqa")
     idx = torch.randint(1, 97, (1, 70), generator=torch.Generator().manual_seed(4))
-    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=16, recent=4, sinks=0, policy="quest"))
+    dec = SparseDecoder(model, SparseConfig(top_k=16, recent=4, sinks=0, policy="quest").tuned(rank=4))
     with torch.no_grad():
         dec.prefill(idx)
         dec.step(idx[:, -1:])
@@ -498,13 +497,13 @@ def test_quest_page_bounds_and_page_ranked_selection():
 # bf16: the prefill's q.k products run in the model's dtype (eval.ruler --dtype bf16), the softmax and sums in fp32
 @pytest.mark.parametrize("chunk_rows, dtype", [(None, torch.float32), (7, torch.float32), (7, torch.bfloat16)])
 def test_h2o_accumulates_prompt_attention_and_never_brings_back_an_evicted_token(chunk_rows, dtype, monkeypatch):
-    from lrkv.inference.lrqk.policies import H2O
+    from lrkv.inference.sparse.policies.h2o import H2O
 
     if chunk_rows:  # None: one chunk; 7: five query chunks, the last partial
         monkeypatch.setattr(H2O, "CHUNK_ELEMENTS", chunk_rows * 4 * 30)  # 4 heads x 30 keys per query row
     model = build("gqa").to(dtype)
     idx = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(6))
-    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy="h2o"))
+    dec = SparseDecoder(model, SparseConfig(top_k=6, recent=4, sinks=1, policy="h2o").tuned(rank=4))
     with torch.no_grad():
         tok = dec.prefill(idx)[:, -1:].argmax(-1)
         block = model.layers[0]
@@ -529,10 +528,10 @@ def test_h2o_accumulates_prompt_attention_and_never_brings_back_an_evicted_token
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_memory_plan_matches_allocation_for_every_policy(attn, proxy, policy):
     model = build(attn)
-    cfg = LRQKConfig(rank=4, top_k=8, recent=4, sinks=1, policy=policy, proxy=proxy)
+    cfg = SparseConfig(top_k=8, recent=4, sinks=1, policy=policy, proxy=proxy).tuned(rank=4)
     B, ctx = 2, 64
-    plan = LRQKDecoder.memory_plan(model.cfg, cfg, B, ctx)
-    dec = LRQKDecoder(model, cfg, max_context=ctx)
+    plan = SparseDecoder.memory_plan(model.cfg, cfg, B, ctx)
+    dec = SparseDecoder(model, cfg, max_context=ctx)
     greedy(dec, *padded_batch([30, 20]), 3)
     host, device = dec.allocated_bytes()
     assert host == plan.cpu_bytes
@@ -541,12 +540,12 @@ def test_memory_plan_matches_allocation_for_every_policy(attn, proxy, policy):
 
 
 def test_lockstep_rows_equal_their_decoders_stepped_alone():
-    from lrkv.inference.lrqk import Lockstep
+    from lrkv.inference.sparse import Lockstep
 
     model = build("gqa")
     idx = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(8))
-    base = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, policy="streaming"))
-    cfgs = [LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy=p) for p in ("lrqk", "h2o", "quest")]
+    base = SparseDecoder(model, SparseConfig(top_k=6, recent=4, policy="streaming").tuned(rank=4))
+    cfgs = [SparseConfig(top_k=6, recent=4, sinks=1, policy=p).tuned(rank=4) for p in ("lrqk", "h2o", "quest")]
     with torch.no_grad():
         base.prefill(idx, keep_prompt=True)
         alone, together = [base.fork(c) for c in cfgs], Lockstep([base.fork(c) for c in cfgs])
@@ -575,14 +574,14 @@ def prefill_peak_units(proxy: str, T: int = 512) -> float:
     """Peak memory allocated while one LRQK layer prefills (exact attention, store write, policy fit, pool seed) at
     Llama-3-8B's attention geometry in bf16, in units of H*T*D bf16 (one query tensor), output included."""
     mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
-    from lrkv.inference.lrqk.decoder import _LRQKState
+    from lrkv.inference.sparse.engine import _SparseState
 
     H, G, D, d = 32, 8, 128, 4096
     m = ModelConfig(attn="gqa", vocab_size=16, n_layer=1, d_model=d, n_head=H, n_kv_head=G, head_dim=D, ffn_dim=16)
     torch.manual_seed(0)
     model = Transformer(m).to(torch.bfloat16).eval()
-    dec = LRQKDecoder(model, LRQKConfig(rank=32, top_k=128, recent=64, proxy=proxy), max_context=T)
-    dec.state = _LRQKState(dec, 1, T)  # persistent state allocated up front, outside the measurement
+    dec = SparseDecoder(model, SparseConfig(top_k=128, recent=64, proxy=proxy).tuned(rank=32), max_context=T)
+    dec.state = _SparseState(dec, 1, T, keep_prompt=False)  # persistent state allocated up front, outside the measurement
     dec.state.key_valid(None, 1, T, "cpu")
     attn = model.layers[0].attn
     with torch.no_grad():
@@ -606,16 +605,16 @@ def test_prefill_peak_memory_is_lean():
 
 
 def test_top_k_follows_the_context_unless_set():
-    from lrkv.inference.lrqk.config import context_top_k
+    from lrkv.inference.sparse.config import context_top_k
 
     assert [context_top_k(n) for n in (100, 4096, 8192, 16384, 32768, 131072)] == [256, 256, 1024, 1024, 2048, 2048]
-    assert LRQKConfig(top_k=64).for_context(10**6).top_k == 64
+    assert SparseConfig(top_k=64).for_context(10**6).top_k == 64
     model = build("gqa")
-    dec = LRQKDecoder(model, LRQKConfig(rank=4))
+    dec = SparseDecoder(model, SparseConfig().tuned(rank=4))
     greedy(dec, torch.randint(1, 97, (1, 30)), None, 1)
     assert dec.requested.top_k is None and dec.cfg.top_k == 256
     m = model.cfg
-    short, long = (LRQKDecoder.memory_plan(m, LRQKConfig(rank=4), 1, n) for n in (4096, 32768))
+    short, long = (SparseDecoder.memory_plan(m, SparseConfig().tuned(rank=4), 1, n) for n in (4096, 32768))
     slots = {n: p.detail["pool"] // (m.n_layer * m.n_head * 2 * m.dh * 4) for n, p in ((4096, short), (32768, long))}
     assert slots == {4096: 256 + 64, 32768: 2048 + 64}
 
@@ -627,28 +626,28 @@ def test_decode_phases_are_named_once_per_layer_step_under_a_profiler(policy):
     from torch.profiler import profile
 
     model = build("gqa")
-    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=6, recent=4, sinks=1, policy=policy))
+    dec = SparseDecoder(model, SparseConfig(top_k=6, recent=4, sinks=1, policy=policy).tuned(rank=4))
     idx = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         tok = dec.prefill(idx)[:, -1:].argmax(-1)
         with profile() as prof:
             for _ in range(3):
                 tok = dec.step(tok).argmax(-1)
-    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("lrqk.")}
-    expected = {p: 3 * len(model.layers) for p in ("lrqk.store", "lrqk.score", "lrqk.topk", "lrqk.pool",
-                                                   "lrqk.gather", "lrqk.attention")}
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith(("sparse.", "lrqk."))}
+    expected = {p: 3 * len(model.layers) for p in ("sparse.store", "sparse.score", "sparse.topk", "sparse.pool",
+                                                   "sparse.gather", "sparse.attention")}
     assert counts == {**expected, **({"lrqk.solve": 3 * len(model.layers)} if policy == "lrqk" else {})}
 
 
 @pytest.mark.parametrize("attn, proxy", STREAMS)
 def test_probe_sees_the_selection_and_attention_each_layer_ran(attn, proxy):
-    """LRQKDecoder.probe: at layer 0 (input: the embedding) an independent q.k from the module's weights gives the
+    """SparseDecoder.probe: at layer 0 (input: the embedding) an independent q.k from the module's weights gives the
     oracle's top-k per selection stream, the attended set (sinks + recent window + top-k) and the attention output
     over exactly that set; the probe reports the same."""
     model = build(attn)
     idx = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(7))
     top_k, recent, sinks, steps = 5, 4, 2, 4
-    dec = LRQKDecoder(model, LRQKConfig(rank=4, top_k=top_k, recent=recent, sinks=sinks, policy="exact", proxy=proxy))
+    dec = SparseDecoder(model, SparseConfig(top_k=top_k, recent=recent, sinks=sinks, policy="exact", proxy=proxy).tuned(rank=4))
     assert dec.probe is None
     seen, tokens = [], [idx]
     with torch.no_grad():
@@ -682,3 +681,96 @@ def test_probe_sees_the_selection_and_attention_each_layer_ran(attn, proxy):
         scaled = torch.einsum("bhd,bhld->bhl", qt, k[:, :, :L]) / 4  # 1 / sqrt(head_dim 16)
         p = scaled.masked_fill(~want, float("-inf")).softmax(-1)
         torch.testing.assert_close(step.y[:, :, 0], torch.einsum("bhl,bhld->bhd", p, v[:, :, :L]))
+
+
+# ------------------------------------------------------------------------------------------ the engine's structure
+
+
+@pytest.mark.parametrize("attn", ["lrkv", "gqa"])
+def test_full_policy_is_the_exact_cache(attn):
+    """SparseConfig.full: every row selected through the engine gives the model's own cache's logits, and a forked
+    FullDecoder continues exactly as the original would."""
+    model = build(attn)
+    idx, valid = padded_batch([21, 13])
+    full = greedy(FullDecoder(model), idx, valid, 12)
+    dec = SparseDecoder(model, SparseConfig.full(64), max_context=64)
+    torch.testing.assert_close(greedy(dec, idx, valid, 12), full, rtol=0, atol=1e-5)
+    assert dec.stats.misses == 0 and dec.stats.steps == 12
+    one = FullDecoder(model)
+    with torch.no_grad():
+        one.prefill(idx, valid)
+        other = one.fork()
+        tok = idx[:, -1:]
+        assert torch.equal(one.step(tok), other.step(tok)) and one.length == other.length == 22
+
+
+def test_a_dropped_decoder_is_freed_without_the_garbage_collector():
+    """Ownership is a tree (decoder -> state -> layers -> policy -> view): reference counting alone frees a decoder
+    and its forks, so long evaluations need no gc.collect() per item."""
+    import gc
+    import weakref
+
+    model = build("gqa")
+    idx = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    gc.disable()
+    try:
+        with torch.no_grad():
+            base = SparseDecoder(model, SparseConfig(top_k=6, recent=4, policy="streaming"))
+            base.prefill(idx, keep_prompt=True)
+            forks = [base.fork(SparseConfig(top_k=6, recent=4, policy=p).tuned(rank=4)) for p in ("lrqk", "h2o")]
+            forks[0].probe = lambda step: None
+            from lrkv.inference.sparse import Lockstep
+            Lockstep(forks).step(idx[:, -1:].expand(2, 1))
+        refs = [weakref.ref(x) for x in (base, base.state, *forks, forks[0].state.layers[0].policy)]
+        del base, forks
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
+
+
+def test_a_policy_is_one_file_and_one_registry_line(monkeypatch):
+    """A new policy plugs in through the registry alone: here one that prefers the oldest candidates, with its own
+    knob; the engine selects exactly the `top_k` oldest candidates (sinks and window excluded) and the plan and the
+    config take its name and knobs."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from lrkv.inference.sparse.policy import Policy
+
+    class Oldest(Policy):
+        @dataclass(frozen=True)
+        class Knobs:
+            skip: int = 0  # ignore this many of the oldest candidates
+
+            def problems(self, head_dim):
+                return [] if self.skip >= 0 else ["skip must be >= 0"]
+
+        def prefill(self, q, k, kv, keep):
+            return self._scores(q.shape[2])
+
+        def step(self, q, k_t, kv, t):
+            return self._scores(t + 1)
+
+        def _scores(self, length):
+            s = -torch.arange(length, dtype=torch.float32, device=self.view.device)
+            s[: self.knobs.skip] = float("-inf")
+            return s.expand(self.view.geo.pool, 1, length)
+
+    module = types.ModuleType("lrkv.inference.sparse.policies.oldest")
+    module.Oldest = Oldest
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(registry.POLICIES, "oldest", ("Oldest", "the oldest candidates"))
+    model = build("gqa")
+    cfg = SparseConfig(policy="oldest", top_k=5, recent=4, sinks=2, knobs=Oldest.Knobs(skip=3))
+    with pytest.raises(ValueError, match="skip must be >= 0"):
+        SparseDecoder(model, dataclasses.replace(cfg, knobs=Oldest.Knobs(skip=-1)))
+    dec = SparseDecoder(model, cfg)
+    idx = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tok = dec.prefill(idx)[:, -1:].argmax(-1)
+        for _ in range(3):
+            tok = dec.step(tok).argmax(-1)
+    selected = dec.state.layers[0].selected
+    assert torch.equal(selected.sort(1).values, torch.arange(3, 8).expand_as(selected))  # ids 0-1 sinks, 0-2 skipped
+    assert SparseDecoder.memory_plan(model.cfg, cfg, 1, 64).detail["policy"] == 0

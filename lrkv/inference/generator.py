@@ -1,6 +1,6 @@
 """Text generation over an export folder: batching, sampling, stop tokens, streaming; `full` or `lrqk` cache.
 
-    gen = Generator.from_checkpoint("runs/debug/export", cache="lrqk", lrqk=LRQKConfig(top_k=256))
+    gen = Generator.from_checkpoint("runs/debug/export", cache="lrqk", lrqk=SparseConfig(top_k=256))
     for c in gen.generate(["ROMEO:", "JULIET: O Romeo"], max_new_tokens=64):
         print(c.text, c.finish_reason)
     for deltas in gen.stream(["ROMEO:"], max_new_tokens=64):   # one list of Delta per decode step
@@ -8,7 +8,7 @@
 
 Prompts of different lengths are left-padded into one batch with a `valid` mask, so every row gets the tokens
 it would get alone. Prefill is exact in both cache modes; in `lrqk` mode decode steps attend sparsely
-(`LRQKConfig.sparse_query_tail` moves the last prompt tokens onto the sparse path too). Sampling draws on
+(`SparseConfig.sparse_query_tail` moves the last prompt tokens onto the sparse path too). Sampling draws on
 the CPU from a seeded torch.Generator, so a seed repeats its draws whatever the device. Loading imports
 neither Lightning nor DeepSpeed.
 """
@@ -27,7 +27,7 @@ from tokenizers.decoders import DecodeStream
 
 from lrkv.export import open_export
 from lrkv.inference.full import FullDecoder
-from lrkv.inference.lrqk import LRQKConfig, LRQKDecoder, MemoryPlan, memory_plan
+from lrkv.inference.sparse import SparseConfig, SparseDecoder, MemoryPlan, memory_plan
 from lrkv.model import Transformer
 
 CACHE_MODES = ("full", "lrqk")
@@ -131,17 +131,17 @@ class Generator:
     After a call, `timing` holds prefill/decode token counts and seconds and `decoder.stats` the cache counters.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: str = "full", lrqk: LRQKConfig | None = None,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: str = "full", lrqk: SparseConfig | None = None,
                  eos: Sequence[int] = (), strict_context: bool = False):
         if cache not in CACHE_MODES:
             raise GenerateError(f"cache must be one of {CACHE_MODES}, got '{cache}'")
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
-        self.lrqk = lrqk or LRQKConfig()
+        self.lrqk = lrqk or SparseConfig()
         self.eos = list(eos)
         self.strict_context = strict_context  # refuse, instead of warning once, to run past model.max_seq_len
         self._warned_context = False
         self.device = next(model.parameters()).device
-        self.decoder: FullDecoder | LRQKDecoder | None = None
+        self.decoder: FullDecoder | SparseDecoder | None = None
         self.timing: dict[str, float] = {}
         if cache == "lrqk":
             try:  # bad settings or an attention type LRQK cannot serve fail now (a decoder allocates at prefill)
@@ -152,7 +152,7 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, export_dir: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, cache: str = "full",
-                        lrqk: LRQKConfig | None = None, strict_context: bool = False) -> Generator:
+                        lrqk: SparseConfig | None = None, strict_context: bool = False) -> Generator:
         """Load config.json, tokenizer.json and model.safetensors; errors (ExportError, TokenizerError) name a file."""
         export = open_export(export_dir)
         return cls(export.model(device, dtype), export.tokenizer, cache=cache, lrqk=lrqk, eos=export.eos_ids,
@@ -168,10 +168,10 @@ class Generator:
         """What an LRQK decoder for this batch and context would allocate (nothing is allocated here)."""
         return memory_plan(self.model.cfg, self.lrqk, batch, max_context, dtype=next(self.model.parameters()).dtype)
 
-    def new_decoder(self, max_context: int) -> FullDecoder | LRQKDecoder:
+    def new_decoder(self, max_context: int) -> FullDecoder | SparseDecoder:
         if self.cache == "full":
             return FullDecoder(self.model)
-        return LRQKDecoder(self.model, self.lrqk, gpu_device=self.device, cpu_device="cpu",
+        return SparseDecoder(self.model, self.lrqk, gpu_device=self.device, cpu_device="cpu",
                            pin_memory=self.device.type == "cuda", max_context=max_context)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,

@@ -1,11 +1,11 @@
-"""Storage for the LRQK hybrid cache (docs/lrqk.md §3, §7): a per-layer CPU row store holding every token's
+"""Storage the sparse engine owns (docs/lrqk.md §3, §7): a per-layer CPU row store holding every token's
 full-precision payload, a bounded GPU slot pool holding the rows in use, and the H2D path between them.
 
 A "row" is what one token contributes to one store stream: for LRKV the pre-RoPE payload
 [k_s | v_s | z_k (H r_k) | z_v (H r_v)] shared by all heads; for MHA/GQA/MQA the rotated [k | v] of one KV head.
 Pool streams are the units that select tokens independently (LRKV: one per batch row; GQA: one per query head,
 as the reference), each reading rows from one store stream. Each attention module describes its row
-(lrkv/model.py: cache_layout, cache_rows); the decode counters (STAT_KEYS) are shared with full.py's FullDecoder.
+(lrkv/model.py: cache_layout, cache_rows).
 """
 
 from __future__ import annotations
@@ -16,20 +16,13 @@ import warnings
 import torch
 from torch.profiler import record_function
 
-STAT_KEYS = ("hits", "misses", "selections", "bytes_moved", "steps")
-
-
-def new_stats() -> dict:
-    return {**{k: 0 for k in STAT_KEYS}, "last_step": {k: 0 for k in STAT_KEYS}}
-
-
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool) -> torch.Tensor:
     """Host buffer, page-locked when asked (only meaningful with CUDA); falls back to pageable with one warning."""
     if pin and device.type == "cpu":
         try:
             return torch.empty(shape, dtype=dtype, pin_memory=True)
         except RuntimeError as e:
-            warnings.warn(f"LRQK: pinning {shape} {dtype} failed ({str(e).splitlines()[0]}); using pageable memory")
+            warnings.warn(f"sparse decoder: pinning {shape} {dtype} failed ({str(e).splitlines()[0]}); using pageable memory")
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -156,9 +149,9 @@ class SlotPool:
         s_idx, j_idx = need.nonzero(as_tuple=True)
         lost, overflow = broken.tolist()
         if lost:
-            raise RuntimeError("LRQK pool lost a sink or recent-window token")
+            raise RuntimeError("sparse pool lost a sink or recent-window token")
         if overflow:
-            raise RuntimeError(f"LRQK pool overflow: {int(ok.sum(1).max())} tokens wanted, {C} slots")
+            raise RuntimeError(f"sparse pool overflow: {int(ok.sum(1).max())} tokens wanted, {C} slots")
         new_ids, new_slots = ids[s_idx, j_idx], target[s_idx, j_idx]
         old = self.token[s_idx, new_slots]
         evicted = old >= 0
@@ -166,7 +159,7 @@ class SlotPool:
         self.slot_of[s_idx, new_ids] = new_slots.int()
         self.token[s_idx, new_slots] = new_ids
         missed = j_idx < K
-        with phase("lrqk.gather"):  # the only CPU -> GPU traffic: the missing rows, one transfer
+        with phase("sparse.gather"):  # the only CPU -> GPU traffic: the missing rows, one transfer
             self.slots[s_idx[missed], new_slots[missed]] = h2d.gather(store, store_stream[s_idx[missed]],
                                                                       new_ids[missed])
         from_device = ~missed

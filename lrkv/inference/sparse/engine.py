@@ -1,87 +1,102 @@
-"""LRQK hybrid GPU-CPU decoding (docs/lrqk.md §1-3 reference algorithm, §7 for LRKV models).
+"""The sparse decoding engine (docs/lrqk.md §1-3 for LRQK, §7 for LRKV models), hosting any selection policy.
 
-Prefill is exact attention over the prompt; it writes every token's full-precision row to the per-layer CPU
-store (cache.py), fits the selection policy's state (LRQK: the low-rank factors, §1) and seeds the bounded GPU
-pool. Each decode step lets the policy score the older tokens (LRQK: the q̂/k̂ solve, Kaczmarz updates, O(l r)
-proxy scores, §2), keeps `sinks` first tokens + the `recent` window + the top-k, fetches only the rows missing
-from the pool, and attends exactly over them. Policies (LRQK and its peers) live in policies.py.
+Prefill is exact attention over the prompt; it writes every token's full-precision row to the per-layer CPU row
+store (store.py), lets the policy fit its state on the prompt (LRQK: the low-rank factors) and seeds the bounded GPU
+pool. Each decode step lets the policy score the older tokens, keeps `sinks` first tokens + the `recent` window +
+the policy's top-k, fetches only the rows missing from the pool, and attends exactly over them.
 
-Variants (one "stream" = one independent token selection):
-- mha/gqa/mqa (e.g. converted Llama/Qwen2): the reference — factors and selection per query head, the CPU
-  store per KV head (rotated k | v), GPU slots per query head.
-- lrkv: one selection per layer and batch row, score_j = max_h (s_h(j) - max s_h); the store row is the
-  pre-RoPE payload [k_s | v_s | z_k | z_v] shared by all heads, keys rebuilt and rotated at attention time.
-  proxy="shared" (P1): one A_K per layer fitted to all heads' true scores (reconstruction target: the rotated
-  shared key k_s); proxy="per_head" (P0): per-head factors on the materialised rotated K_h.
-The model's own modules run everything else: each LRQKLayer is the model's LayerCache (lrkv/model.py) for its
-layer, and reads the module only through its public description (cache_layout, cache_rows, keys_values).
-`LRQKDecoder.probe` hands evaluations what every layer attended at each decode step (DecodeStep).
+Selection streams (one stream = one independent token selection, plan.Geometry):
+- mha/gqa/mqa (e.g. converted Llama/Qwen2): per query head as LRQK's reference, or per KV head (proxy "group"); the
+  CPU store holds one row per KV head (rotated k | v).
+- lrkv: one selection per layer and batch row, score_j = max_h (s_h(j) - max s_h); the store row is the pre-RoPE
+  payload [k_s | v_s | z_k | z_v] shared by all heads, keys rebuilt and rotated at attention time.
+The model's own modules run everything else: each SparseLayer is the model's LayerCache (lrkv/model.py) for its
+layer, and reads the module only through its public description (cache_layout, cache_rows, keys_values). A policy
+sees the layer only through a LayerView (policy.py). Ownership is a tree (decoder -> state -> layers -> policy ->
+view), so a decoder is freed as soon as it is dropped. `SparseDecoder.probe` hands evaluations what every layer
+attended at each decode step (DecodeStep).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from lrkv.config import ModelConfig
-from lrkv.inference.cache import STAT_KEYS, HostToDevice, RowStore, SlotPool, new_stats, phase
+from lrkv.inference.decoder import Counts, DecodeStats
 from lrkv.inference.full import FullDecoder
-from lrkv.inference.lrqk.config import LRQKConfig
-from lrkv.inference.lrqk.plan import MemoryPlan, check_fits, geometry, memory_plan
-from lrkv.inference.lrqk.policies import POLICY_CLASSES, select_top_k
+from lrkv.inference.sparse.config import SparseConfig
+from lrkv.inference.sparse.plan import MemoryPlan, check_fits, geometry, memory_plan
+from lrkv.inference.sparse.policy import LayerView, qk, select_top_k
+from lrkv.inference.sparse.registry import policy_class
+from lrkv.inference.sparse.store import HostToDevice, RowStore, SlotPool, phase
 from lrkv.kernels.reference import causal_attention
 from lrkv.model import DecoderCache, LayerCache, Transformer, cache_layout
+
+COUNTERS = tuple(f.name for f in fields(Counts) if f.name != "steps")  # what layers add up on the device per step
 
 
 @dataclass
 class DecodeStep:
-    """What one layer attended at one sparse decode step, handed to `LRQKDecoder.probe` (for evaluations).
+    """What one layer attended at one sparse decode step, handed to `SparseDecoder.probe` (for evaluations).
 
-    Pool streams are the decoder's independent selections (lrkv: one per batch row; mha/gqa/mqa: one per query
-    head, or per KV head with proxy="group"); the per-head tensors are per query head whatever the pool."""
+    Selection streams are the decoder's independent selections (lrkv: one per batch row; mha/gqa/mqa: one per query
+    head, or per KV head with proxy="group"); the per-head tensors are per query head whatever the streams."""
 
     layer: int
     position: int  # the decoded token's position; tokens 0..position are stored
     q: torch.Tensor  # (B, H, 1, D) the rotated query
     y: torch.Tensor  # (B, H, 1, D) the attention output over the attended tokens
-    scores: torch.Tensor  # (pool streams, heads per stream, position + 1) the policy's scores top-k came from
-    selected: torch.Tensor  # (pool streams, top_k) the policy's top-k token ids, -1 where fewer candidates
-    selected_ok: torch.Tensor  # (pool streams, top_k) bool
+    scores: torch.Tensor  # (selection streams, heads per stream, position + 1) the policy's scores top-k came from
+    selected: torch.Tensor  # (selection streams, top_k) the policy's top-k token ids, -1 where fewer candidates
+    selected_ok: torch.Tensor  # (selection streams, top_k) bool
     attended: torch.Tensor  # (B, H, position + 1) bool: the tokens query head h attended (sinks, recent, top-k)
     keys: torch.Tensor  # (B, H, position + 1, D) every stored token's exact (rotated) key as head h reads it
     values: torch.Tensor  # (B, H, position + 1, D)
 
 
+class _Context:
+    """What every layer of one decoder state shares: settings, the validity history, the transfer path, this step's
+    counters (device tensors, read once per step) and the probe. Holds no layer, so nothing refers back."""
+
+    def __init__(self, cfg: SparseConfig, batch: int, capacity: int, h2d: HostToDevice, device: torch.device,
+                 keep_prompt: bool, probe):
+        self.cfg, self.h2d, self.keep_prompt, self.probe = cfg, h2d, keep_prompt, probe
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.padded = False
+        self.last_step: dict = dict.fromkeys(COUNTERS, 0)
+
+
 # ------------------------------------------------------------------------------------------ per-layer cache
 
 
-class LRQKLayer(LayerCache):
-    """One layer's LRQK state; the attention module calls `attend` (prefill when T > 1, a decode step when T == 1)."""
+class SparseLayer(LayerCache):
+    """One layer's sparse state; the attention module calls `attend` (prefill when T > 1, a decode step when T == 1)."""
 
-    def __init__(self, owner: "_LRQKState", index: int, module):
-        self.owner, self.index, self.module = owner, index, module
+    def __init__(self, ctx: _Context, index: int, module, batch: int, capacity: int, model_cfg: ModelConfig,
+                 dtype: torch.dtype, device: torch.device, store_device: torch.device, pin: bool,
+                 generator: torch.Generator):
+        self.ctx, self.index, self.module = ctx, index, module
         self.length = 0
-
-    def allocate(self, batch: int, capacity: int) -> None:
-        o, m = self.owner, self.owner.model_cfg
-        g = geometry(m, o.cfg, batch)
-        self.geo, self.batch = g, batch
-        dev, dtype = o.gpu_device, o.dtype
-        self.store = RowStore(g["store"], capacity, g["row"], dtype, o.store_device, o.pin)
-        self.pool = SlotPool(g["pool"], o.cfg.slots, g["row"], capacity, dtype, dev)
-        pool_ids = torch.arange(g["pool"], device=dev)
-        self.batch_of = pool_ids // (g["pool"] // batch)
-        if g["pool"] == g["store"]:  # one selection per row stream: lrkv, or group-shared gqa (per KV head)
+        cfg = ctx.cfg
+        g = self.geo = geometry(model_cfg, cfg, batch)
+        self.batch, self.device = batch, device
+        self.store = RowStore(g.store, capacity, g.row, dtype, store_device, pin)
+        self.pool = SlotPool(g.pool, cfg.slots, g.row, capacity, dtype, device)
+        pool_ids = torch.arange(g.pool, device=device)
+        self.batch_of = pool_ids // g.per_row
+        if g.pool == g.store:  # one selection per row stream: lrkv, or group-shared gqa (per KV head)
             self.store_of = pool_ids
         else:  # per query head: pool stream (b, h) reads the row stream (KV head) that query head h reads
-            layout = self.module.cache_layout
+            layout = module.cache_layout
             self.store_of = self.batch_of * layout.streams + layout.stream_of_head(pool_ids % layout.n_head)
-        self.device = dev
-        self.policy = POLICY_CLASSES[o.cfg.policy](self, capacity)
+        view = LayerView(g, device, dtype, module.head_dim, module, self.store, self.pool, generator)
+        self.view = view
+        self.policy = policy_class(cfg.policy)(view, cfg.knobs, capacity)
         self.recall: list[float] = []
         self.prompt: tuple | None = None  # (q, kv) of the prompt, kept when the decoder is asked to (fork)
 
@@ -90,101 +105,56 @@ class LRQKLayer(LayerCache):
         self.pool.grow(capacity)
         self.policy.grow(capacity)
 
-    # -- the module's layout ------------------------------------------------------------------------------------
-
-    def rows(self, kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """New tokens' store rows (store streams, T, row)."""
-        return self.module.cache_rows(kv)
-
-    def keys_values(self, rows: torch.Tensor, positions: torch.Tensor, values: bool = True):
-        """Rows (streams, n, row) of the store or the pool at token positions (streams, n) -> K, V (B, Hk, n, D),
-        query head h reading key head h // (H / Hk); V None if not asked."""
-        B, n = self.batch, rows.shape[1]
-        return self.module.keys_values(rows.view(B, -1, n, rows.shape[2]), positions.reshape(B, -1, n), values)
-
-    def prompt_keys(self, rows: torch.Tensor, values: bool = False):
-        """The prompt's K (and V if asked) (B, Hk, T, D) from its store rows: the KV heads of a GQA model (never
-        repeated per query head), every head's rebuilt key for LRKV."""
-        T = rows.shape[1]
-        return self.keys_values(rows, torch.arange(T, device=rows.device).expand(len(rows), T), values)
-
-    def stored_keys_values(self, length: int, values: bool = False):
-        """Every stored token's exact K (and V if asked) (B, Hk, length, D), read from the whole store."""
-        self.store.ready()
-        rows = self.store.rows[:, :length].to(self.device)
-        return self.keys_values(rows, torch.arange(length, device=self.device).expand(len(rows), -1), values)
-
-    def proxy_view(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, ...) per-head tensor -> (proxies, heads per proxy, ...)."""
-        return x.reshape(self.geo["proxies"], self.geo["heads"], *x.shape[2:])
-
-    @staticmethod
-    def qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Scores q (B, H, m, D) . k (B, Hk, n, D) -> (B, H, m, n) fp32; query head h reads key head h // (H / Hk)."""
-        B, H, m, D = q.shape
-        Hk = k.shape[1]
-        # a group's query heads as rows of one matmul per KV head: broadcasting k over them would copy k per head
-        return (q.float().reshape(B, Hk, H // Hk * m, D) @ k.float().mT).view(B, H, m, -1)
-
-    def streams(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, ...) per-head tensor -> (pool streams, heads per stream, ...)."""
-        return x.reshape(self.geo["pool"], -1, *x.shape[2:])
-
-    def streams_of_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, ...) per-row tensor -> (pool streams, ...)."""
-        return x[self.batch_of]
-
     # -- attention ----------------------------------------------------------------------------------------------
 
     def attend(self, module, q: torch.Tensor, kv: tuple[torch.Tensor, ...], key_valid: torch.Tensor | None):
         if module is not self.module:
-            raise RuntimeError(f"LRQK layer {self.index} was called by a different attention module")
+            raise RuntimeError(f"sparse layer {self.index} was called by a different attention module")
         B, H, T, D = q.shape
         y = self.prefill(q, kv, key_valid) if T > 1 or self.length == 0 else self.decode(q, kv)
         return y.transpose(1, 2).reshape(B, T, H * D)
 
     def prefill(self, q, kv, key_valid):
         if self.length != 0:
-            raise RuntimeError("LRQK prefill runs once, on an empty cache; decode one token per step afterwards")
-        rows = self.rows(kv)
+            raise RuntimeError("sparse prefill runs once, on an empty cache; decode one token per step afterwards")
+        rows = self.module.cache_rows(kv)
         self.store.write(0, rows)
         k, v = self.prompt_keys(rows, values=True)  # the keys the policy scores: views of the rows for GQA
         y = causal_attention(q, k, v, key_valid=key_valid)
-        if self.owner.keep_prompt:
+        if self.ctx.keep_prompt:
             self.prompt = (q, kv)
         self.seed(q, k, kv, rows)
         return y
 
-    def key_streams(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hk, ...) per key head -> (pool streams, key heads per stream, ...), repeating a KV head's tensor for
-        each query head of its group when the pool is per query head."""
-        per_row = self.geo["pool"] * self.geo["key_heads"] // self.batch
-        if x.shape[1] != per_row:
-            x = x.repeat_interleave(per_row // x.shape[1], dim=1)
-        return x.reshape(self.geo["pool"], self.geo["key_heads"], *x.shape[2:])
+    def prompt_keys(self, rows: torch.Tensor, values: bool = False):
+        """The prompt's K (and V if asked) (B, Hk, T, D) from its store rows: the KV heads of a GQA model (never
+        repeated per query head), every head's rebuilt key for LRKV."""
+        T = rows.shape[1]
+        return self.view.keys_values(rows, torch.arange(T, device=rows.device).expand(len(rows), T), values)
 
     def seed(self, q, k, kv, rows):
         """Fit the policy on the prompt (rows already in the store) and fill the pool with the prompt rows already on
         the device: sinks, recent window, the policy's top-k for the last prompt query."""
         T = q.shape[2]
-        scores = self.policy.prefill(q, k, kv, self.owner.valid[:, :T].float())
+        keep = self.ctx.valid[:, :T].float() if self.ctx.padded else None
+        scores = self.policy.prefill(q, k, kv, keep)
         self.length = T
         sinks, sinks_ok, recent, recent_ok, cand = self.window(T, include_current=True)
         cand = self.policy.restrict(cand)
-        top, top_ok = select_top_k(scores, cand, self.owner.cfg.top_k)
+        top, top_ok = select_top_k(scores, cand, self.ctx.cfg.top_k)
         self.policy.chosen(top, top_ok, cand)
         fresh = torch.cat((sinks, recent, top), dim=1)
         fresh_ok = torch.cat((sinks_ok, recent_ok, top_ok), dim=1)
         fresh_rows = rows[self.store_of[:, None], fresh.clamp(min=0)]  # only the seeded rows, not pool x T
         none = fresh[:, :0]
         self.active, _ = self.pool.update(none, none.bool(), 0, fresh, fresh_ok, fresh_rows, self.store,
-                                          self.store_of, self.owner.h2d)
+                                          self.store_of, self.ctx.h2d)
 
     def window(self, length: int, include_current: bool):
-        """Per pool stream: sink ids, recent-window ids (the last `recent` tokens; without the current one when
+        """Per selection stream: sink ids, recent-window ids (the last `recent` tokens; without the current one when
         it is passed in fresh), and the candidate mask over [0, length) for top-k: valid, not sink, not recent."""
-        cfg, dev = self.owner.cfg, self.device
-        valid = self.owner.valid[self.batch_of, :length]
+        cfg, dev = self.ctx.cfg, self.device
+        valid = self.ctx.valid[self.batch_of, :length]
         start = max(length - cfg.recent, 0)
         recent = torch.arange(start, length if include_current else length - 1, device=dev).expand(len(valid), -1)
         recent_ok = valid.gather(1, recent)
@@ -198,47 +168,47 @@ class LRQKLayer(LayerCache):
 
     def decode(self, q, kv):
         # named phases for benchmarks/decode.py --split (no-ops unless a profiler runs)
-        o, cfg = self.owner, self.owner.cfg
+        ctx, cfg, g = self.ctx, self.ctx.cfg, self.geo
         B, H, _, D = q.shape
         t = self.length
         L = t + 1
-        with phase("lrqk.store"):
-            rows = self.rows(kv)  # (store streams, 1, row)
+        with phase("sparse.store"):
+            rows = self.module.cache_rows(kv)  # (store streams, 1, row)
             self.store.write(t, rows)
-            pos_t = torch.full((self.geo["pool"], 1), t, device=q.device)
+            pos_t = torch.full((g.pool, 1), t, device=q.device)
             fresh_rows = rows[self.store_of]
-            k_t, _ = self.keys_values(fresh_rows, pos_t, values=False)
-        with phase("lrqk.score"):
+            k_t, _ = self.view.keys_values(fresh_rows, pos_t, values=False)
+        with phase("sparse.score"):
             scores = self.policy.step(q, k_t, kv, t)
         self.length = L
-        with phase("lrqk.topk"):  # sinks + recent window (kept resident) + top-k of the older tokens
+        with phase("sparse.topk"):  # sinks + recent window (kept resident) + top-k of the older tokens
             sinks, sinks_ok, recent, recent_ok, cand = self.window(L, include_current=False)
             cand = self.policy.restrict(cand)
             top, top_ok = select_top_k(scores, cand, cfg.top_k)
             self.policy.chosen(top, top_ok, cand)
         if cfg.measure_recall:
-            self.recall.append(_recall(top, top_ok, *select_top_k(self.exact_scores(q, L), cand, cfg.top_k)))
+            exact = select_top_k(self.view.exact_scores(q, L), cand, cfg.top_k)
+            self.recall.append(_recall(top, top_ok, *exact))
         self.selected, self.selected_ok = top, top_ok
-        with phase("lrqk.pool"):
+        with phase("sparse.pool"):
             wanted = torch.cat((sinks, recent, top), dim=1)
             wanted_ok = torch.cat((sinks_ok, recent_ok, top_ok), dim=1)
             self.active, counts = self.pool.update(wanted, wanted_ok, sinks.shape[1] + recent.shape[1], pos_t,
                                                    torch.ones_like(pos_t, dtype=torch.bool), fresh_rows, self.store,
-                                                   self.store_of, o.h2d)
+                                                   self.store_of, ctx.h2d)
             for key, n in counts.items():
-                o.last_step[key] += n
-        with phase("lrqk.attention"):  # exact attention over the active slots
-            k, v = self.keys_values(self.pool.slots, self.pool.token.clamp(min=0))
-            per_row = self.geo["pool"] // B  # pool streams per batch row: 1 (lrkv), H, or the KV heads (group)
-            mask = self.active.view(B, per_row, 1, -1).repeat_interleave(H // per_row, dim=1)
+                ctx.last_step[key] += n
+        with phase("sparse.attention"):  # exact attention over the active slots
+            k, v = self.view.keys_values(self.pool.slots, self.pool.token.clamp(min=0))
+            mask = self.active.view(B, g.per_row, 1, -1).repeat_interleave(H // g.per_row, dim=1)
             if not self.policy.wants_weights:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
             else:
-                weights = (self.qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
-                self.policy.observe(self.streams(weights[:, :, 0]).sum(1))
+                weights = (qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
+                self.policy.observe(g.streams(weights[:, :, 0]).sum(1))
                 y = (weights.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)
-        if o.decoder.probe is not None:
-            o.decoder.probe(self.probe_step(t, q, y, scores))
+        if ctx.probe is not None:
+            ctx.probe(self.probe_step(t, q, y, scores))
         return y
 
     def probe_step(self, t: int, q: torch.Tensor, y: torch.Tensor, scores: torch.Tensor) -> DecodeStep:
@@ -247,17 +217,11 @@ class LRQKLayer(LayerCache):
         pool = self.pool
         counts = torch.zeros(pool.token.shape[0], L, device=q.device)  # empty slots (token -1, inactive) add 0
         counts.scatter_add_(1, pool.token.clamp(min=0), self.active.float())
-        per_row = self.geo["pool"] // B
+        per_row = self.geo.per_row
         attended = (counts > 0).view(B, per_row, L).repeat_interleave(H // per_row, dim=1)
-        k, v = self.stored_keys_values(L, values=True)
+        k, v = self.view.stored_keys_values(L, values=True)
         k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
         return DecodeStep(self.index, t, q, y, scores, self.selected, self.selected_ok, attended, k, v)
-
-    def exact_scores(self, q: torch.Tensor, length: int) -> torch.Tensor:
-        """Oracle: true q_h . k_h(j) for every stored token (pool streams, heads, length); reads the whole store once
-        (per KV head: query heads of a group share their store stream's keys)."""
-        k, _ = self.stored_keys_values(length)
-        return self.streams(self.qk(q, k)[:, :, 0])
 
 
 def _recall(top, ok, exact_top, exact_ok) -> float:
@@ -268,25 +232,19 @@ def _recall(top, ok, exact_top, exact_ok) -> float:
     return float((match[has] / n[has]).mean()) if bool(has.any()) else 1.0
 
 
-class _LRQKState(DecoderCache):
-    """The model's cache (DecoderCache) during LRQK decoding: per-layer LRQK caches, the length and the validity
-    history."""
+class _SparseState(DecoderCache):
+    """The model's cache (DecoderCache) during sparse decoding: the per-layer caches and their shared context."""
 
-    def __init__(self, decoder: "LRQKDecoder", batch: int, capacity: int):
-        self.decoder = decoder
-        self.cfg, self.model_cfg = decoder.cfg, decoder.model.cfg
-        self.gpu_device, self.store_device, self.pin = decoder.gpu_device, decoder.store_device, decoder.pin
-        self.dtype, self.keep_prompt = decoder.dtype, decoder.keep_prompt
-        self.generator = torch.Generator(self.gpu_device).manual_seed(self.cfg.seed)
-        g = geometry(self.model_cfg, self.cfg, batch)
-        self.h2d = HostToDevice(g["pool"] * self.cfg.slots, g["row"], self.dtype, self.store_device,
-                                self.gpu_device, self.pin, decoder.offload)
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=self.gpu_device)
-        self.padded = False
-        self.layers = [LRQKLayer(self, i, block.attn) for i, block in enumerate(decoder.model.layers)]
-        for layer in self.layers:
-            layer.allocate(batch, capacity)
-        self.last_step = {k: 0 for k in STAT_KEYS}
+    def __init__(self, decoder: "SparseDecoder", batch: int, capacity: int, keep_prompt: bool):
+        cfg, m = decoder.cfg, decoder.model.cfg
+        g = geometry(m, cfg, batch)
+        h2d = HostToDevice(g.pool * cfg.slots, g.row, decoder.dtype, decoder.store_device, decoder.gpu_device,
+                           decoder.pin, decoder.offload)
+        self.ctx = _Context(cfg, batch, capacity, h2d, decoder.gpu_device, keep_prompt, decoder.probe)
+        generator = torch.Generator(decoder.gpu_device).manual_seed(cfg.seed)
+        self.layers = [SparseLayer(self.ctx, i, block.attn, batch, capacity, m, decoder.dtype, decoder.gpu_device,
+                                   decoder.store_device, decoder.pin, generator)
+                       for i, block in enumerate(decoder.model.layers)]
 
     @property
     def length(self) -> int:
@@ -294,7 +252,7 @@ class _LRQKState(DecoderCache):
 
     @property
     def capacity(self) -> int:
-        return self.valid.shape[1]
+        return self.ctx.valid.shape[1]
 
     def ensure(self, length: int) -> None:
         if length <= self.capacity:
@@ -302,22 +260,25 @@ class _LRQKState(DecoderCache):
         capacity = max(length, 2 * self.capacity)
         for layer in self.layers:
             layer.grow(capacity)
-        grown = self.valid.new_zeros(self.valid.shape[0], capacity)
-        grown[:, : self.capacity] = self.valid
-        self.valid = grown
+        valid = self.ctx.valid
+        grown = valid.new_zeros(valid.shape[0], capacity)
+        grown[:, : valid.shape[1]] = valid
+        self.ctx.valid = grown
 
     def key_valid(self, valid: torch.Tensor | None, batch: int, steps: int, device) -> torch.Tensor | None:
-        start = self.length
-        self.padded = self.padded or valid is not None
-        self.valid[:, start : start + steps] = True if valid is None else valid
-        return self.valid[:, : start + steps] if self.padded else None
+        ctx, start = self.ctx, self.length
+        ctx.padded = ctx.padded or valid is not None
+        ctx.valid[:, start : start + steps] = True if valid is None else valid
+        return ctx.valid[:, : start + steps] if ctx.padded else None
 
 
-class LRQKDecoder:
-    """LRQK generation state over a Transformer (lrkv, mha, gqa, mqa). `prefill` once, then `step` per token.
+class SparseDecoder:
+    """Sparse generation state over a Transformer (lrkv, mha, gqa, mqa) with any registered selection policy
+    (SparseConfig.policy). `prefill` once, then `step` per token; `fork` + `Lockstep` decode several policies from
+    one prefill.
 
     offload=True keeps the row store on `cpu_device` (pinned when the GPU is CUDA); offload=False keeps it on
-    `gpu_device` — the same algorithm without transfers, for comparison. `max_context` sizes the store up front
+    `gpu_device`: the same algorithm without transfers, for comparison. `max_context` sizes the store up front
     (the memory plan's number); without it the store starts at twice the prompt and doubles when full.
 
     `probe`, when set to a callable, is called at every sparse decode step of every layer (the `sparse_query_tail`
@@ -325,9 +286,10 @@ class LRQKDecoder:
     value for an exact reference. It costs nothing while None; forks start without one.
     """
 
-    def __init__(self, model: Transformer, cfg: LRQKConfig, gpu_device="cpu", cpu_device="cpu", pin_memory=True,
-                 offload: bool = True, max_context: int | None = None):
+    def __init__(self, model: Transformer, cfg: SparseConfig, gpu_device="cpu", cpu_device="cpu",
+                 pin_memory=True, offload: bool = True, max_context: int | None = None):
         m = model.cfg
+        cfg = cfg.resolved()
         geometry(m, cfg, 1)  # refuses unsupported attention types
         cfg.validate(m.dh)
         expected = cache_layout(m)  # the plan is computed from the config: every module must lay its cache out so
@@ -345,19 +307,33 @@ class LRQKDecoder:
         self.offload, self.max_context = offload, max_context
         self.store_device = self.cpu_device if offload else self.gpu_device
         self.pin = pin_memory and offload and self.gpu_device.type == "cuda"
-        self.keep_prompt = False
-        self.probe: Callable[[DecodeStep], None] | None = None
-        self.state: _LRQKState | None = None
-        self.stats = new_stats()
+        self._probe: Callable[[DecodeStep], None] | None = None
+        self.state: _SparseState | None = None
+        self.stats = DecodeStats()
+
+    @property
+    def probe(self) -> Callable[[DecodeStep], None] | None:
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe: Callable[[DecodeStep], None] | None) -> None:
+        self._probe = probe
+        if self.state is not None:
+            self.state.ctx.probe = probe
 
     @staticmethod
-    def memory_plan(model_cfg: ModelConfig, cfg: LRQKConfig, batch: int, max_context: int,
+    def memory_plan(model_cfg: ModelConfig, cfg: SparseConfig, batch: int, max_context: int,
                     dtype: torch.dtype = torch.float32, offload: bool = True) -> MemoryPlan:
         return memory_plan(model_cfg, cfg, batch, max_context, dtype, offload)
 
     @property
     def length(self) -> int:
         return self.state.length
+
+    def _new_state(self, batch: int, capacity: int, keep_prompt: bool) -> _SparseState:
+        check_fits(self.memory_plan(self.model.cfg, self.cfg, batch, capacity, self.dtype, self.offload),
+                   self.gpu_device)
+        return _SparseState(self, batch, capacity, keep_prompt)
 
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, valid: torch.Tensor | None = None, logits_to_keep: int = 0,
@@ -369,7 +345,6 @@ class LRQKDecoder:
         B, T = idx.shape
         if keep_prompt and self.cfg.sparse_query_tail:
             raise ValueError("keep_prompt needs sparse_query_tail = 0: a fork starts right after the exact prefill")
-        self.keep_prompt = keep_prompt
         tail = self.cfg.sparse_query_tail
         if tail >= T:
             raise ValueError(f"sparse_query_tail {tail} must be smaller than the prompt length {T}")
@@ -379,9 +354,8 @@ class LRQKDecoder:
         capacity = self.max_context if self.max_context is not None else 2 * T
         if capacity < T:
             raise ValueError(f"prompt length {T} exceeds max_context {capacity}")
-        check_fits(self.memory_plan(self.model.cfg, self.cfg, B, capacity, self.dtype, self.offload), self.gpu_device)
-        self.state = _LRQKState(self, B, capacity)
-        self.stats = new_stats()
+        self.state = self._new_state(B, capacity, keep_prompt)
+        self.stats = DecodeStats()
         head = T - tail
         keep_head = 0 if logits_to_keep == 0 else max(logits_to_keep - tail, 1)
         logits = [self.model(idx[:, :head], cache=self.state, valid=None if valid is None else valid[:, :head],
@@ -399,23 +373,23 @@ class LRQKDecoder:
         return [layer.prompt for layer in s.layers]
 
     @torch.no_grad()
-    def fork(self, cfg: LRQKConfig) -> "LRQKDecoder":
-        """A decoder with another config (policy, budget, rank) positioned after the same prompt, without running the
-        model again: prefill attention is exact whatever the config, so only the row store is copied and the policy
-        fitted and the pool seeded anew. Every fork decodes independently."""
+    def fork(self, cfg: SparseConfig | None = None) -> "SparseDecoder":
+        """A decoder with another config (policy, budget, knobs; default this one) positioned after the same prompt,
+        without running the model again: prefill attention is exact whatever the config, so only the row store is
+        copied and the policy fitted and the pool seeded anew. Every fork decodes independently."""
         prompts, s = self._prompt(), self.state
-        other = LRQKDecoder(self.model, cfg.for_context(s.length), self.gpu_device, self.cpu_device, self.pin,
-                            self.offload, self.max_context)
-        B, capacity = s.valid.shape
-        check_fits(other.memory_plan(self.model.cfg, cfg, B, capacity, self.dtype, self.offload), self.gpu_device)
-        other.state = _LRQKState(other, B, capacity)
-        other.state.valid.copy_(s.valid)
-        other.state.padded = s.padded
+        cfg = self.requested if cfg is None else cfg
+        other = SparseDecoder(self.model, cfg.for_context(s.length), self.gpu_device, self.cpu_device, self.pin,
+                              self.offload, self.max_context)
+        B, capacity = s.ctx.valid.shape
+        other.state = other._new_state(B, capacity, keep_prompt=False)
+        other.state.ctx.valid.copy_(s.ctx.valid)
+        other.state.ctx.padded = s.ctx.padded
         for mine, theirs, (q, kv) in zip(s.layers, other.state.layers, prompts):
             T = q.shape[2]
             mine.store.ready()
             theirs.store.rows[:, :T].copy_(mine.store.rows[:, :T])
-            rows = theirs.rows(kv)
+            rows = theirs.module.cache_rows(kv)
             theirs.seed(q, theirs.prompt_keys(rows)[0], kv, rows)
         return other
 
@@ -426,8 +400,8 @@ class LRQKDecoder:
         dec.cache = self.model.new_cache()
         for layer, cache, (q, kv) in zip(s.layers, dec.cache.layers, prompts):
             cache.append(**layer.module.cache_entries(kv))
-        B, T = s.valid.shape[0], s.length
-        dec.cache.key_valid(s.valid[:, :T] if s.padded else None, B, T, self.gpu_device)
+        B, T = s.ctx.valid.shape[0], s.length
+        dec.cache.key_valid(s.ctx.valid[:, :T] if s.ctx.padded else None, B, T, self.gpu_device)
         return dec
 
     @torch.no_grad()
@@ -440,28 +414,30 @@ class LRQKDecoder:
 
     def _begin_step(self, tokens: torch.Tensor) -> None:
         if self.state is None:
-            raise RuntimeError("LRQKDecoder.step called before prefill")
-        if tokens.shape != (self.state.valid.shape[0], 1):
-            raise ValueError(f"step expects tokens of shape ({self.state.valid.shape[0]}, 1), got {tuple(tokens.shape)}")
+            raise RuntimeError("SparseDecoder.step called before prefill")
+        batch = self.state.ctx.valid.shape[0]
+        if tokens.shape != (batch, 1):
+            raise ValueError(f"step expects tokens of shape ({batch}, 1), got {tuple(tokens.shape)}")
         self.state.ensure(self.length + 1)
-        self.state.last_step = {k: 0 for k in STAT_KEYS}
+        self.state.ctx.last_step = dict.fromkeys(COUNTERS, 0)
 
     def _end_step(self) -> None:
-        counters = self.state.last_step  # summed over layers on the device: read once per step
-        values = torch.stack([torch.as_tensor(counters[k]) for k in STAT_KEYS]).tolist()
-        last = {**dict(zip(STAT_KEYS, values)), "steps": 1}
-        for key in STAT_KEYS:
-            self.stats[key] += last[key]
-        self.stats["last_step"] = last
+        counters = self.state.ctx.last_step  # summed over layers on the device: read once per step
+        values = torch.stack([torch.as_tensor(counters[k]) for k in COUNTERS]).tolist()
+        last = Counts(**dict(zip(COUNTERS, values)), steps=1)
+        self.stats.add(last)
+        self.stats.last_step = last
         if self.cfg.measure_recall:
-            self.stats["recall"] = [sum(layer.recall) / len(layer.recall) for layer in self.state.layers]
+            self.stats.recall = [sum(layer.recall) / len(layer.recall) for layer in self.state.layers]
 
     def allocated_bytes(self) -> tuple[int, int]:
         """(host, GPU) bytes actually held by the decoder state, counted from its tensors."""
         s = self.state
-        stores = [layer.store.rows for layer in s.layers] + ([s.h2d.staging] if s.h2d.staging is not None else [])
-        rest = [s.valid] + [t for layer in s.layers for t in (layer.pool.slots, layer.pool.token, layer.pool.slot_of,
-                                                              layer.pool.last_used, *layer.policy.tensors())]
+        h2d = s.ctx.h2d
+        stores = [layer.store.rows for layer in s.layers] + ([h2d.staging] if h2d.staging is not None else [])
+        rest = [s.ctx.valid] + [t for layer in s.layers for t in (layer.pool.slots, layer.pool.token,
+                                                                  layer.pool.slot_of, layer.pool.last_used,
+                                                                  *layer.policy.tensors())]
         host, device = (stores, rest) if self.offload else ([], stores + rest)
         return tuple(sum(t.numel() * t.element_size() for t in ts) for ts in (host, device))
 
@@ -471,13 +447,13 @@ class Lockstep(DecoderCache):
     step for all of them, so the weights are read once, while row i attends through decoder i's own layers. Each
     decoder's outputs and counters are what its own `step` would give (up to batched-matmul rounding)."""
 
-    def __init__(self, decoders: list[LRQKDecoder]):
-        if not decoders or any(d.state is None or d.state.valid.shape[0] != 1 for d in decoders):
+    def __init__(self, decoders: list[SparseDecoder]):
+        if not decoders or any(d.state is None or d.state.ctx.valid.shape[0] != 1 for d in decoders):
             raise ValueError("Lockstep needs prefilled decoders of batch 1")
         if len({d.length for d in decoders}) != 1 or len({id(d.model) for d in decoders}) != 1:
             raise ValueError("Lockstep needs decoders over one model at one length")
         self.decoders, self.model = decoders, decoders[0].model
-        self.layers = [_LockstepLayer(self, i) for i in range(len(self.model.layers))]
+        self.layers = [_LockstepLayer(decoders, i) for i in range(len(self.model.layers))]
 
     @property
     def length(self) -> int:
@@ -500,10 +476,10 @@ class Lockstep(DecoderCache):
 
 
 class _LockstepLayer(LayerCache):
-    def __init__(self, owner: Lockstep, index: int):
-        self.owner, self.index = owner, index
+    def __init__(self, decoders: list[SparseDecoder], index: int):
+        self.layers = [d.state.layers[index] for d in decoders]
 
     def attend(self, module, q, kv, key_valid):
-        ys = [d.state.layers[self.index].attend(module, q[i : i + 1], tuple(t[i : i + 1] for t in kv), None)
-              for i, d in enumerate(self.owner.decoders)]
+        ys = [layer.attend(module, q[i : i + 1], tuple(t[i : i + 1] for t in kv), None)
+              for i, layer in enumerate(self.layers)]
         return torch.cat(ys, dim=0)

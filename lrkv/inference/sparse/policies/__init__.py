@@ -1,0 +1,1 @@
+"""One file per selection policy; registry.py names them."""
