@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lrkv.kernels
 from lrkv.config import ModelConfig, validate_model
@@ -300,3 +301,25 @@ def test_atomic_gradient_sums_vary_only_by_rounding():
         differ = (a != b).sum().item()
         print(f"{name}: {differ} of {a.numel()} entries differ between runs")
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2**-7 * a.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tq", [1, 3])
+def test_few_query_attention_on_cpu_matches_sdpa_in_fp64(dtype, tol, tq):
+    """The explicit decode path of reference.attention (fp32 scores and softmax) against SDPA over K, V repeated per
+    query head in float64, with a padding mask and grouped heads; more than FEW_QUERIES queries take SDPA itself."""
+    from lrkv.kernels.reference import FEW_QUERIES, attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, Tk, D = 2, 6, 2, 37, 16
+    q, k, v = (torch.randn(B, n, t, D, generator=g).to(dtype) for n, t in ((H, tq), (Hk, Tk), (Hk, Tk)))
+    mask = torch.rand(B, 1, tq, Tk, generator=g) > 0.3
+    mask[..., -1] = True  # no empty row
+    expect = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(3, 1),
+                                            v.double().repeat_interleave(3, 1), attn_mask=mask)
+    got = attention(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == expect.shape
+    torch.testing.assert_close(got.double(), expect, atol=tol, rtol=tol)
+    many = torch.randn(B, H, FEW_QUERIES + 1, D, generator=g).to(dtype)
+    torch.testing.assert_close(attention(many, k, v).double(), F.scaled_dot_product_attention(
+        many.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1)), atol=tol, rtol=tol)

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 
 from lrkv.config import ModelConfig
 from lrkv.inference.decoder import Counts, DecodeStats
@@ -34,7 +33,7 @@ from lrkv.inference.sparse.plan import MemoryPlan, check_fits, geometry, memory_
 from lrkv.inference.sparse.policy import LayerView, qk, select_top_k
 from lrkv.inference.sparse.registry import policy_class
 from lrkv.inference.sparse.store import HostToDevice, RowStore, SlotPool, phase
-from lrkv.kernels.reference import causal_attention
+from lrkv.kernels.reference import attention, causal_attention
 from lrkv.model import DecoderCache, LayerCache, Transformer, cache_layout
 
 COUNTERS = tuple(f.name for f in fields(Counts) if f.name != "steps")  # what layers add up on the device per step
@@ -202,7 +201,7 @@ class SparseLayer(LayerCache):
             k, v = self.view.keys_values(self.pool.slots, self.pool.token.clamp(min=0))
             mask = self.active.view(B, g.per_row, 1, -1).repeat_interleave(H // g.per_row, dim=1)
             if not self.policy.wants_weights:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
+                y = attention(q, k, v, mask)
             else:
                 weights = (qk(q, k) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
                 self.policy.observe(g.streams(weights[:, :, 0]).sum(1))
