@@ -87,7 +87,6 @@ import torch  # noqa: E402
 from lrkv.config import ModelConfig, load_config  # noqa: E402
 from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.decoder import DecodeStats  # noqa: E402
-from lrkv.inference.full import FullDecoder  # noqa: E402
 from lrkv.inference.generator import DTYPES  # noqa: E402
 from lrkv.inference.sparse import Lockstep, MemoryPlanError, SparseDecoder  # noqa: E402
 from lrkv.model import Transformer  # noqa: E402
@@ -151,22 +150,37 @@ def load_transformers(path: str, args: argparse.Namespace):
     return model.to(args.device).eval()
 
 
-def run_case(model, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tensor,
-             args: argparse.Namespace) -> dict:
-    """Prefill tokens[:, :ctx], then warmup + timed decode steps feeding tokens[:, ctx:]; the row's numbers.
-    cache: "transformers", "full", or an LRQK policy name."""
+def prefilled(model, ctx: int, tokens: torch.Tensor, args: argparse.Namespace, bases: dict) -> tuple:
+    """The exact prefill of tokens[:, :ctx] that every lrkv row of this model and context forks from (as eval.ruler
+    does), made on first use: (decoder keeping the prompt, prefill seconds)."""
+    if id(model) not in bases:
+        base = SparseDecoder(model, SparseConfig(policy="streaming", top_k=1, recent=1), gpu_device=args.device,
+                             pin_memory=args.device == "cuda", max_context=ctx + args.warmup + args.steps + 1)
+        start = time.perf_counter()
+        base.prefill(tokens[:, :ctx], logits_to_keep=1, keep_prompt=True)
+        sync(args.device)
+        bases[id(model)] = base, time.perf_counter() - start
+    return bases[id(model)]
+
+
+def run_case(model, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tensor, args: argparse.Namespace,
+             bases: dict) -> dict:
+    """Prefill tokens[:, :ctx] (transformers: its own; lrkv: the model's cache or a policy forked from one shared
+    prefill, the policy's fit timed with it), then warmup + timed decode steps feeding tokens[:, ctx:]; the row's
+    numbers. cache: "transformers", "full", or a policy name."""
     total = args.warmup + args.steps
     if cache == "transformers":
         decoder = TransformersDecoder(model)
-    elif cache == "full":
-        decoder = FullDecoder(model)
+        start = time.perf_counter()
+        decoder.prefill(tokens[:, :ctx], logits_to_keep=1)
+        sync(args.device)
+        prefill_s = time.perf_counter() - start
     else:
-        decoder = SparseDecoder(model, lrqk.with_policy(cache), gpu_device=args.device,
-                              pin_memory=args.device == "cuda", max_context=ctx + total + args.steps)
-    start = time.perf_counter()
-    decoder.prefill(tokens[:, :ctx], logits_to_keep=1)
-    sync(args.device)
-    prefill_s = time.perf_counter() - start
+        base, prefill_s = prefilled(model, ctx, tokens, args, bases)
+        start = time.perf_counter()
+        decoder = base.full_decoder() if cache == "full" else base.fork(lrqk.with_policy(cache))
+        sync(args.device)
+        prefill_s += time.perf_counter() - start
     for i in range(args.warmup):
         decoder.step(tokens[:, ctx + i : ctx + i + 1])
     sync(args.device)
@@ -194,18 +208,14 @@ def run_case(model, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tens
 
 
 def run_lockstep(model, methods: list[str], lrqk: SparseConfig, ctx: int, tokens: torch.Tensor,
-                 args: argparse.Namespace) -> dict:
-    """Every method (full attention: the `full` policy) forked from one prefill and stepped as one batch."""
+                 args: argparse.Namespace, bases: dict) -> dict:
+    """Every method (full attention: the `full` policy) forked from the shared prefill and stepped as one batch."""
     total = args.warmup + args.steps
-    capacity = ctx + total + 1
-    base = SparseDecoder(model, SparseConfig(policy="streaming", top_k=1, recent=1), gpu_device=args.device,
-                         pin_memory=args.device == "cuda", max_context=capacity)
+    base, prefill_s = prefilled(model, ctx, tokens, args, bases)
     start = time.perf_counter()
-    base.prefill(tokens[:, :ctx], logits_to_keep=1, keep_prompt=True)
-    forks = [base.fork(SparseConfig.full(capacity) if m == "full" else lrqk.with_policy(m)) for m in methods]
+    forks = [base.fork(SparseConfig.full(base.max_context) if m == "full" else lrqk.with_policy(m)) for m in methods]
     sync(args.device)
-    prefill_s = time.perf_counter() - start
-    del base  # the prompt's queries and keys were kept for the forks only
+    prefill_s += time.perf_counter() - start
     lock, times = Lockstep(forks), []
     for i in range(total):
         start = time.perf_counter()
@@ -322,7 +332,7 @@ def full_fits(model, ctx: int, args: argparse.Namespace) -> str | None:
 
 
 def measure(label: str, model: Transformer, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tensor,
-            args: argparse.Namespace) -> dict:
+            args: argparse.Namespace, bases: dict) -> dict:
     row = dict(ctx=ctx, model=label, cache=cache)
     why = full_fits(model, ctx, args) if cache in ("full", "transformers") else None
     if why:
@@ -330,8 +340,8 @@ def measure(label: str, model: Transformer, cache: str, lrqk: SparseConfig, ctx:
     try:
         if cache == "lockstep":
             methods = ["full", *args.policies]
-            return {**row, "methods": methods, **run_lockstep(model, methods, lrqk, ctx, tokens, args)}
-        return {**row, **run_case(model, cache, lrqk, ctx, tokens, args)}
+            return {**row, "methods": methods, **run_lockstep(model, methods, lrqk, ctx, tokens, args, bases)}
+        return {**row, **run_case(model, cache, lrqk, ctx, tokens, args, bases)}
     except (torch.OutOfMemoryError, MemoryPlanError) as e:
         return {**row, "skip": str(e).splitlines()[0][:60]}
     finally:
@@ -422,8 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for ctx in args.contexts:
         tokens = prompt_tokens(args, vocab, ctx + args.warmup + args.steps)
+        bases = {}  # one exact prefill per model, forked by its rows
         for label, model, cache in models:
-            rows.append(measure(label, model, cache, lrqk, ctx, tokens, args))
+            rows.append(measure(label, model, cache, lrqk, ctx, tokens, args, bases))
             print(f"  done {fmt_ctx(ctx)} {label}-{cache}", file=sys.stderr, flush=True)
     if args.floor:
         bandwidth.append(measure_bw())
