@@ -68,6 +68,7 @@ class _Context:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.padded = False
         self.last_step: dict = dict.fromkeys(COUNTERS, 0)
+        self.window: tuple = (None, None)  # (key, value) of SparseLayer.window: every layer of a step asks the same
 
 
 # ------------------------------------------------------------------------------------------ per-layer cache
@@ -151,7 +152,11 @@ class SparseLayer(LayerCache):
 
     def window(self, length: int, include_current: bool):
         """Per selection stream: sink ids, recent-window ids (the last `recent` tokens; without the current one when
-        it is passed in fresh), and the candidate mask over [0, length) for top-k: valid, not sink, not recent."""
+        it is passed in fresh), and the candidate mask over [0, length) for top-k: valid, not sink, not recent.
+        Computed by the first layer of a step, read by the others (the layers' selection streams are alike)."""
+        key, value = self.ctx.window
+        if key == (length, include_current):
+            return value
         cfg, dev = self.ctx.cfg, self.device
         valid = self.ctx.valid[self.batch_of, :length]
         start = max(length - cfg.recent, 0)
@@ -163,7 +168,9 @@ class SparseLayer(LayerCache):
         sinks = torch.where(sinks_ok, sinks, -1)
         ids = torch.arange(length, device=dev)
         cand = valid & (ids >= first + cfg.sinks) & (ids < start)
-        return sinks, sinks_ok, torch.where(recent_ok, recent, -1), recent_ok, cand
+        value = sinks, sinks_ok, torch.where(recent_ok, recent, -1), recent_ok, cand
+        self.ctx.window = (length, include_current), value
+        return value
 
     def decode(self, q, kv):
         # named phases for benchmarks/decode.py --split (no-ops unless a profiler runs)
