@@ -485,13 +485,27 @@ def test_quest_page_bounds_and_page_ranked_selection():
         bound = torch.maximum(q[0, :, -1:] * keys.amax(1, keepdim=True), q[0, :, -1:] * keys.amin(1, keepdim=True))
         exact = (q[0, :, -1:] @ keys.mT)[:, 0]  # (H, n)
         assert (bound.sum(-1)[:, 0] >= exact.amax(-1) - 1e-5).all()  # an upper bound of q.k within the page
-    scores = pol._scores(q[:, :, -1], 71)[:, 0]  # (H, 71): each token carries its page's bound
+    # the budget is whole pages: top_k 16 = the one page with the highest bound, its tokens older than the window
+    bounds = torch.stack([torch.maximum(q[0, :, -1:] * k[0, :, 16 * p: 16 * p + 16].amax(1, keepdim=True),
+                                        q[0, :, -1:] * k[0, :, 16 * p: 16 * p + 16].amin(1, keepdim=True)).sum(-1)[:, 0]
+                          for p in range(5)], 1)  # (H, 5)
     for h in range(4):
+        best = int(bounds[h].argmax())
         chosen = set(layer.selected[h][layer.selected_ok[h]].tolist())
-        cand = set(range(0, 71 - 4))
-        rest = cand - chosen
-        assert len(chosen) == 16
-        assert min(scores[h, j] for j in chosen) >= max(scores[h, j] for j in rest)
+        assert chosen == set(range(16 * best, min(16 * best + 16, 71 - 4)))
+
+
+def test_quest_keeps_sinks_out_of_page_bounds():
+    model = build("gqa")
+    idx = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    dec = SparseDecoder(model, SparseConfig(top_k=16, recent=4, sinks=3, policy="quest"))
+    with torch.no_grad():
+        dec.prefill(idx)
+        block = model.layers[0]
+        _, k, _ = scratch_qkv(block.attn, block.attn_norm(model.embed(idx)), torch.arange(40))
+    pol = dec.state.layers[0].policy
+    torch.testing.assert_close(pol.k_min[:, 0, 0], k[0, :, 3:16].amin(1))  # page 0 without the 3 sinks
+    torch.testing.assert_close(pol.k_max[:, 0, 1], k[0, :, 16:32].amax(1))
 
 
 # bf16: the prefill's q.k products run in the model's dtype (eval.ruler --dtype bf16), the softmax and sums in fp32
@@ -774,3 +788,90 @@ def test_a_policy_is_one_file_and_one_registry_line(monkeypatch):
     selected = dec.state.layers[0].selected
     assert torch.equal(selected.sort(1).values, torch.arange(3, 8).expand_as(selected))  # ids 0-1 sinks, 0-2 skipped
     assert SparseDecoder.memory_plan(model.cfg, cfg, 1, 64).detail["policy"] == 0
+
+
+@pytest.mark.parametrize("attn, proxy", STREAMS)
+def test_shadowkv_keeps_outlier_chunks_and_the_best_landmarks(attn, proxy):
+    """ShadowKV's selection at the first decode step of layer 0, recomputed from the module's weights: chunk
+    landmarks (mean post-RoPE key), the chunk whose keys agree least with its landmark kept, and the chunks with the
+    highest landmark softmax (outliers left out, max over the stream's heads) filling the rest of top_k."""
+    from lrkv.inference.sparse.policies.shadowkv import ShadowKV
+
+    model = build(attn)
+    idx = torch.randint(1, 97, (2, 43), generator=torch.Generator().manual_seed(8))
+    chunk, top_k, recent = 4, 12, 4  # 10 whole chunks in the prompt; budget: 1 outlier chunk + the 2 best chunks
+    cfg = SparseConfig(policy="shadowkv", top_k=top_k, recent=recent, proxy=proxy,
+                       knobs=ShadowKV.Knobs(chunk=chunk, outlier_share=1 / 3))
+    dec, seen = SparseDecoder(model, cfg), []
+    with torch.no_grad():
+        tok = dec.prefill(idx)[:, -1:].argmax(-1)
+        dec.probe = seen.append
+        dec.step(tok)
+        block = model.layers[0]
+        tokens = torch.cat((idx, tok), 1)
+        q, k, _ = scratch_qkv(block.attn, block.attn_norm(model.embed(tokens)), torch.arange(44))
+    per = {"lrkv": 4, "shared": 1, "group": 2}["lrkv" if attn == "lrkv" else proxy]  # heads per stream
+    keys = k[:, :, :40].unflatten(2, (10, chunk))  # (B, H, 10, chunk, D)
+    marks = keys.mean(3)
+    agree = F.cosine_similarity(marks[:, :, :, None], keys, dim=-1).amin(3)  # (B, H, 10)
+    agree = agree.unflatten(1, (-1, per)).amin(2)  # (B, streams, 10)
+    outlier = agree.argmin(-1, keepdim=True)
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 43], marks) / 4  # 1 / sqrt(head_dim 16)
+    logits = logits.unflatten(1, (-1, per))  # (B, streams, heads, 10)
+    probs = logits.masked_fill(F.one_hot(outlier, 10).bool()[:, :, None, 0], float("-inf")).softmax(-1).amax(2)
+    best = probs.topk(2, dim=-1).indices
+    chunks = torch.cat((outlier, best), -1).sort(-1).values  # (B, streams, 3)
+    expect = (chunks[..., None] * chunk + torch.arange(chunk)).flatten(2).flatten(0, 1)
+    step = seen[0]
+    assert step.layer == 0 and torch.equal(step.selected.sort(1).values, expect)
+
+
+def test_dense_layers_attend_every_row_and_the_plan_counts_them():
+    """dense_layers (Quest's protocol keeps the first two dense): those layers attend every stored row, the others
+    their policy's selection; all layers dense is the model's own cache; the plan counts the dense layers' pools."""
+    model = build("gqa")
+    idx, valid = padded_batch([30, 22])
+    full = greedy(FullDecoder(model), idx, valid, 6)
+    every = SparseConfig(top_k=6, recent=4, sinks=1, policy="quest", dense_layers=2)
+    torch.testing.assert_close(greedy(SparseDecoder(model, every), idx, valid, 6), full, rtol=0, atol=1e-5)
+    cfg = dataclasses.replace(every, dense_layers=1)
+    dec, seen = SparseDecoder(model, cfg, max_context=64), []
+    with torch.no_grad():
+        tok = dec.prefill(idx, valid)[:, -1:].argmax(-1)
+        dec.probe = seen.append
+        dec.step(tok)
+    L = 31
+    real = torch.cat((valid, torch.ones(2, 1, dtype=torch.bool)), 1)  # (B, L): what a dense layer attends
+    assert torch.equal(seen[0].attended, real[:, None].expand(-1, 4, -1))
+    assert seen[1].attended.sum(-1).max() <= 6 + 4 + 1 < L  # layer 1 selects
+    host, device = dec.allocated_bytes()
+    plan = SparseDecoder.memory_plan(model.cfg, cfg, 2, 64)
+    assert (host, device) == (plan.cpu_bytes, plan.gpu_bytes)
+
+
+def test_loki_offline_basis_is_the_calibration_keys_principal_directions(tmp_path):
+    """fit_basis writes per layer the principal directions of the calibration keys: fitted on the very prompt it then
+    scores, it gives the prompt basis' decode exactly; layer 0's directions span what an independent eigh of the
+    module's keys gives; a file of another model is one clear error."""
+    from lrkv.inference.sparse.policies.loki import Loki, fit_basis
+
+    model = build("gqa")
+    idx = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(6))
+    path = fit_basis(model, [idx[0]], tmp_path / "basis.safetensors")
+    runs = []
+    for basis in (str(path), "prompt"):
+        cfg = SparseConfig(policy="loki", top_k=6, recent=4, sinks=1, knobs=Loki.Knobs(rank=3, basis=basis))
+        runs.append(greedy(SparseDecoder(model, cfg), idx, None, 5))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-5)
+    block = model.layers[0]
+    with torch.no_grad():
+        _, k, _ = scratch_qkv(block.attn, block.attn_norm(model.embed(idx)), torch.arange(40))
+    kv_heads = k[0, ::2].double()  # (2, T, D): the KV heads (scratch repeats them per query head)
+    expected = torch.linalg.eigh(kv_heads.mT @ kv_heads)[1].flip(-1)[..., :3]
+    from safetensors.torch import load_file
+    got = load_file(path)["layer.0"][..., :3].double()
+    torch.testing.assert_close(got @ got.mT, expected @ expected.mT, atol=1e-4, rtol=0)  # the same subspace
+    other = fit_basis(build("lrkv"), [idx[0]], tmp_path / "lrkv.safetensors")
+    with pytest.raises(ValueError, match="lrkv.safetensors: no layer.0 basis of shape"):
+        cfg = SparseConfig(policy="loki", top_k=6, recent=4, knobs=Loki.Knobs(rank=3, basis=str(other)))
+        greedy(SparseDecoder(model, cfg), idx, None, 1)

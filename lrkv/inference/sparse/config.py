@@ -35,6 +35,7 @@ class SparseConfig:
     proxy: str = "shared"
     gpu_capacity: int | None = None  # resident rows per selection stream; default top_k + recent + sinks
     sparse_query_tail: int = 0  # last N prompt tokens go through the sparse decode path instead of exact prefill
+    dense_layers: int = 0  # the first N layers attend every row (Quest's protocol keeps two)
     measure_recall: bool = False  # also compute the exact top-k each step; stats.recall per layer
     seed: int = 0  # randomised policy state (LRQK's ALS init)
 
@@ -82,6 +83,13 @@ class SparseConfig:
             raise ValueError("SparseConfig.top_k is chosen per context: call for_context(length) first")
         return self.gpu_capacity if self.gpu_capacity is not None else self.top_k + self.recent + self.sinks
 
+    def layer_budget(self, index: int, capacity: int) -> tuple[int, int]:
+        """(top_k, GPU slots per stream) of layer `index` for up to `capacity` tokens: a dense layer selects and
+        holds every row."""
+        if index < self.dense_layers:
+            return capacity, capacity + self.recent + self.sinks
+        return self.top_k, self.slots
+
     def validate(self, head_dim: int) -> None:
         top_k = self.top_k or 1  # None (per context) is always valid
         rules = [
@@ -93,6 +101,7 @@ class SparseConfig:
             (self.gpu_capacity is None or self.gpu_capacity >= top_k + self.recent + self.sinks,
              f"gpu_capacity {self.gpu_capacity} < top_k + recent + sinks = {top_k + self.recent + self.sinks}"),
             (self.sparse_query_tail >= 0, f"sparse_query_tail must be >= 0, got {self.sparse_query_tail}"),
+            (self.dense_layers >= 0, f"dense_layers must be >= 0, got {self.dense_layers}"),
         ]
         for ok, message in rules:
             if not ok:

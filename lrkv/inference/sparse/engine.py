@@ -86,7 +86,9 @@ class SparseLayer(LayerCache):
         g = self.geo = geometry(model_cfg, cfg, batch)
         self.batch, self.device = batch, device
         self.store = RowStore(g.store, capacity, g.row, dtype, store_device, pin)
-        self.pool = SlotPool(g.pool, cfg.slots, g.row, capacity, dtype, device)
+        self.dense = index < cfg.dense_layers
+        self.top_k, slots = cfg.layer_budget(index, capacity)
+        self.pool = SlotPool(g.pool, slots, g.row, capacity, dtype, device)
         pool_ids = torch.arange(g.pool, device=device)
         self.batch_of = pool_ids // g.per_row
         if g.pool == g.store:  # one selection per row stream: lrkv, or group-shared gqa (per KV head)
@@ -94,15 +96,21 @@ class SparseLayer(LayerCache):
         else:  # per query head: pool stream (b, h) reads the row stream (KV head) that query head h reads
             layout = module.cache_layout
             self.store_of = self.batch_of * layout.streams + layout.stream_of_head(pool_ids % layout.n_head)
-        view = LayerView(g, device, dtype, module.head_dim, module, self.store, self.pool, generator)
+        view = LayerView(g, index, self.top_k, cfg.recent, cfg.sinks, device, dtype, module.head_dim, module, self.store,
+                         self.pool, generator)
         self.view = view
-        self.policy = policy_class(cfg.policy)(view, cfg.knobs, capacity)
+        policy = policy_class("full" if self.dense else cfg.policy)
+        self.policy = policy(view, policy.Knobs() if self.dense else cfg.knobs, capacity)
         self.recall: list[float] = []
         self.prompt: tuple | None = None  # (q, kv) of the prompt, kept when the decoder is asked to (fork)
 
     def grow(self, capacity: int) -> None:
         self.store.grow(capacity)
-        self.pool.grow(capacity)
+        if self.dense:
+            self.top_k, slots = self.ctx.cfg.layer_budget(self.index, capacity)
+            self.pool.grow(capacity, slots)
+        else:
+            self.pool.grow(capacity)
         self.policy.grow(capacity)
 
     # -- attention ----------------------------------------------------------------------------------------------
@@ -141,7 +149,7 @@ class SparseLayer(LayerCache):
         self.length = T
         sinks, sinks_ok, recent, recent_ok, cand = self.window(T, include_current=True)
         cand = self.policy.restrict(cand)
-        top, top_ok = select_top_k(scores, cand, self.ctx.cfg.top_k)
+        top, top_ok = select_top_k(scores, cand, self.top_k)
         self.policy.chosen(top, top_ok, cand)
         fresh = torch.cat((sinks, recent, top), dim=1)
         fresh_ok = torch.cat((sinks_ok, recent_ok, top_ok), dim=1)
@@ -190,10 +198,10 @@ class SparseLayer(LayerCache):
         with phase("sparse.topk"):  # sinks + recent window (kept resident) + top-k of the older tokens
             sinks, sinks_ok, recent, recent_ok, cand = self.window(L, include_current=False)
             cand = self.policy.restrict(cand)
-            top, top_ok = select_top_k(scores, cand, cfg.top_k)
+            top, top_ok = select_top_k(scores, cand, self.top_k)
             self.policy.chosen(top, top_ok, cand)
         if cfg.measure_recall:
-            exact = select_top_k(self.view.exact_scores(q, L), cand, cfg.top_k)
+            exact = select_top_k(self.view.exact_scores(q, L), cand, self.top_k)
             self.recall.append(_recall(top, top_ok, *exact))
         self.selected, self.selected_ok = top, top_ok
         with phase("sparse.pool"):

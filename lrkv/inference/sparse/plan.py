@@ -101,15 +101,16 @@ def memory_plan(m: ModelConfig, cfg: SparseConfig, batch: int, max_context: int,
     """Bytes the decoder allocates for `batch` rows of up to `max_context` tokens, computed without allocating.
     Excludes weights and the transient prefill activations (exact attention over the prompt)."""
     cfg = cfg.for_context(max_context).resolved()
-    g, C, L, D = geometry(m, cfg, batch), cfg.slots, max_context, m.dh
+    g, L, D = geometry(m, cfg, batch), max_context, m.dh
     elt = torch.empty((), dtype=dtype).element_size()
-    layers = m.n_layer
+    slots = [cfg.layer_budget(i, L)[1] for i in range(m.n_layer)]  # a dense layer holds every row
+    sparse = m.n_layer - min(cfg.dense_layers, m.n_layer)
     detail = {
-        "store": layers * g.store * L * g.row * elt,
-        "staging": g.pool * C * g.row * elt if offload else 0,
-        "pool": layers * g.pool * C * g.row * elt,
-        "slot_maps": layers * g.pool * (2 * C * 8 + L * 4),  # token + last-use per slot (int64), id -> slot (int32)
-        "policy": layers * policy_class(cfg.policy).state_bytes(cfg.knobs, g, L, D, elt),
+        "store": m.n_layer * g.store * L * g.row * elt,
+        "staging": g.pool * cfg.slots * g.row * elt if offload else 0,
+        "pool": sum(g.pool * C * g.row * elt for C in slots),
+        "slot_maps": sum(g.pool * (2 * C * 8 + L * 4) for C in slots),  # token, last use (int64); id -> slot (int32)
+        "policy": sparse * policy_class(cfg.policy).state_bytes(cfg.knobs, g, L, D, elt),
         "valid": batch * L,
     }
     on_cpu = detail["store"] + detail["staging"] if offload else 0

@@ -55,6 +55,10 @@ class LayerView:
     rows read through the attention module's own description (never the engine's layer object)."""
 
     geo: Geometry
+    layer: int  # the layer's index in the model
+    top_k: int  # the shared budget per stream (SparseConfig, top_k resolved for the prompt): selected tokens,
+    recent: int  # the recent window and
+    sinks: int  # the first tokens the engine keeps besides them
     device: torch.device
     dtype: torch.dtype  # the model's (and the row store's) dtype
     head_dim: int
@@ -133,11 +137,3 @@ class Policy:
         """The state this policy holds on the GPU (for allocated_bytes)."""
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
-
-def grown(t: torch.Tensor, size: int, fill, dim: int = 1) -> torch.Tensor:
-    """t with dimension `dim` enlarged to `size`, new entries `fill` (policies' per-token state at a store grow)."""
-    shape = list(t.shape)
-    shape[dim] = size
-    out = t.new_full(shape, fill)
-    out.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return out

@@ -17,6 +17,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "h2o": ("H2O", "H2O: heavy hitters by accumulated attention, evicting"),
     "quest": ("Quest", "Quest: pages ranked by a bound from their post-RoPE key min/max"),
     "loki": ("Loki", "Loki: q . k on the keys' top-r principal directions"),
+    "shadowkv": ("ShadowKV", "ShadowKV selection (exact keys): chunks ranked by their mean key, outlier chunks kept"),
     "full": ("Full", "every stored row selected: exact attention through the engine"),
 }
 

@@ -95,6 +95,15 @@ class HostToDevice:
         return out
 
 
+def grown(t: torch.Tensor, size: int, fill, dim: int = 1) -> torch.Tensor:
+    """t with dimension `dim` enlarged to `size`, the new entries `fill` (per-token state when the store grows)."""
+    shape = list(t.shape)
+    shape[dim] = size
+    out = t.new_full(shape, fill)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
 _NO_PHASE = contextlib.nullcontext()
 
 
@@ -115,10 +124,13 @@ class SlotPool:
         self.last_used = torch.full((streams, slots), -1, dtype=torch.long, device=device)
         self.clock = 0
 
-    def grow(self, capacity: int) -> None:
-        grown = self.slot_of.new_full((self.slot_of.shape[0], capacity), -1)
-        grown[:, : self.slot_of.shape[1]] = self.slot_of
-        self.slot_of = grown
+    def grow(self, capacity: int, slots: int | None = None) -> None:
+        """Room for token ids below `capacity`, and `slots` slots per stream when given (a dense layer holds every
+        row)."""
+        self.slot_of = grown(self.slot_of, capacity, -1)
+        if slots is not None:
+            self.slots, self.token = grown(self.slots, slots, 0), grown(self.token, slots, -1)
+            self.last_used = grown(self.last_used, slots, -1)
 
     def update(self, wanted: torch.Tensor, wanted_ok: torch.Tensor, kept: int, fresh: torch.Tensor,
                fresh_ok: torch.Tensor, fresh_rows: torch.Tensor, store: RowStore, store_stream: torch.Tensor,

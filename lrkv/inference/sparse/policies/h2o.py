@@ -9,7 +9,8 @@ import math
 import torch
 
 from lrkv.inference.sparse.plan import Geometry
-from lrkv.inference.sparse.policy import Policy, grown
+from lrkv.inference.sparse.policy import Policy
+from lrkv.inference.sparse.store import grown
 
 
 class H2O(Policy):

@@ -10,8 +10,8 @@ import torch
 
 from lrkv.inference.sparse.plan import Geometry
 from lrkv.inference.sparse.policies.lowrank import als_factorize, decode_solve, kaczmarz
-from lrkv.inference.sparse.policy import Policy, grown, qk
-from lrkv.inference.sparse.store import phase
+from lrkv.inference.sparse.policy import Policy, qk
+from lrkv.inference.sparse.store import grown, phase
 
 
 class LRQK(Policy):

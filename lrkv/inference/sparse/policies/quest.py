@@ -1,6 +1,8 @@
 """quest: Quest (Tang et al. 2024, arXiv 2406.10774), pages of `page` tokens keep the element-wise min and max of
-their post-RoPE keys; the page score sum_d max(q_d max_d, q_d min_d) bounds q . k within the page; the top_k
-tokens of the best pages. Every layer is sparse (the paper keeps the first two dense)."""
+their post-RoPE keys (the sinks left out, so that they do not widen page 0's bounds); the page score
+sum_d max(q_d max_d, q_d min_d) bounds q . k within the page. The budget is whole pages, as Quest counts it: the
+top_k // page best pages that hold older tokens than the recent window (ranked by the stream's heads as select_top_k
+ranks tokens), all their candidate tokens. Every layer is sparse (the paper keeps the first two dense)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lrkv.inference.sparse.plan import Geometry
-from lrkv.inference.sparse.policy import Policy, grown
+from lrkv.inference.sparse.policy import Policy
+from lrkv.inference.sparse.store import grown
 
 
 class Quest(Policy):
@@ -40,7 +43,9 @@ class Quest(Policy):
     def prefill(self, q, k, kv, keep):
         T, P = k.shape[2], self.knobs.page  # page bounds per key head, then shared by the query heads that read it
         kf = k.float()
-        real = torch.ones(1, 1, T, 1, dtype=torch.bool, device=k.device) if keep is None else (keep > 0)[:, None, :, None]
+        real = torch.ones(1, T, dtype=torch.bool, device=k.device) if keep is None else keep > 0
+        first = real.int().argmax(1, keepdim=True)  # left padding: the first real token
+        real = (real & (torch.arange(T, device=k.device) >= first + self.view.sinks))[:, None, :, None]
         pad = -T % P
         lo = F.pad(kf.masked_fill(~real, float("inf")), (0, 0, 0, pad), value=float("inf"))
         hi = F.pad(kf.masked_fill(~real, float("-inf")), (0, 0, 0, pad), value=float("-inf"))
@@ -62,4 +67,10 @@ class Quest(Policy):
         lo, hi = self.k_min[:, :, :pages], self.k_max[:, :, :pages]
         bound = torch.maximum(qs * hi, qs * lo).sum(-1)  # (S, m, pages)
         bound = bound.masked_fill(hi[..., 0] == float("-inf"), float("-inf"))  # pages with no real token
-        return bound.repeat_interleave(self.knobs.page, dim=2)[:, :, :length]
+        P, start = self.knobs.page, max(length - self.view.recent, 0)
+        ranked = bound[:, 0] if bound.shape[1] == 1 else (bound - bound.amax(-1, keepdim=True)).amax(1)
+        ranked = ranked.masked_fill(torch.arange(pages, device=q.device) * P >= start, float("-inf"))
+        best = ranked.topk(min(max(self.view.top_k // P, 1), pages), dim=-1)
+        chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(1, best.indices, best.values > float("-inf"))
+        bound = bound.masked_fill(~chosen[:, None], float("-inf"))
+        return bound.repeat_interleave(P, dim=2)[:, :, :length]
