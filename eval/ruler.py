@@ -8,14 +8,19 @@ export's tokenizer so that prompt + generation fit the length; the haystack is R
 the essay file is not available): niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe
 and qa (who says a quoted line, among documents drawn from the embedded corpus).
 
-Each item's context is prefilled **once**, exactly, and every method decodes from that one prefilled state
-(SparseDecoder.fork; full attention is the `full` policy, every row selected): the question is fed token by token through the method's sparse path, then the
-answer is decoded greedily until the export's EOS or the task's cap. Scores are RULER's string_match_all.
+Each item is prefilled **once**, exactly, and every method decodes from that one prefilled state (SparseDecoder.fork;
+full attention is the `full` policy, every row selected); the answer is decoded greedily until the export's EOS or
+the task's cap. Scores are RULER's string_match_all. Two protocols (--protocol):
+- dense-question (the LRQK paper's and ShadowKV's): context and question are prefilled exactly, only the answer is
+  decoded sparsely;
+- sparse-question: the context is prefilled, the question fed token by token through each method's sparse path.
 
 Budget: `--budget B` rows attended per decode step and selection stream (a query head here, as in LRQK's
 reference): `sinks + recent + top_k = B` for every method. A method is a policy name (lrkv/inference/sparse/registry.py)
 with optional overrides of the budget, a SparseConfig field or one of the policy's knobs, e.g. `lrqk:rank=8`,
-`lrqk:budget=64`, `lrqk:sinks=0`, `quest:page=8` (the ablations run in one pass over the same prefills).
+`lrqk:budget=64`, `lrqk:sinks=0`, `quest:page=8:dense_layers=2` (the ablations run in one pass over the same
+prefills). `loki:basis=offline` fits Loki's basis once per export on corpus text (the paper's offline basis) and
+keeps it beside the export; plain `loki` fits it on each prompt's own keys (an oracle basis).
 
 Per method the report gives the GPU-resident state a bf16 deployment would hold at the item's length (full: the
 KV cache; sparse: slot pool + maps + the policy's own state, from the decoder's memory plan) and the CPU->GPU
@@ -43,6 +48,8 @@ RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multique
 # RULER's tokens_to_generate per task; the decode stops earlier at EOS or once every answer could have been written
 GEN_CAP = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128, "vt": 30,
            "cwe": 120, "fwe": 50, "qa": 32}
+PROTOCOLS = ("dense-question", "sparse-question")
+LOKI_BASIS = "loki_basis.safetensors"  # `loki:basis=offline`: fitted once per export on corpus text
 DTYPE_NAMES = ("bf16", "fp32")  # generator.DTYPES' keys, spelled here so --help needs no torch (tests/test_cli.py)
 
 
@@ -63,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default=",".join(["full", *(p for p in POLICIES if p != "full")]),
                     help=f"comma list of policies ({' '.join(POLICIES)}), each with optional :key=value overrides "
                          "(budget, a SparseConfig field or a knob of the policy), e.g. lrqk:rank=8")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="dense-question",
+                    help="dense-question: context and question prefilled exactly, the answer decoded sparsely (the LRQK "
+                         "paper's protocol); sparse-question: the question also decoded through each method (default "
+                         "%(default)s)")
+    ap.add_argument("--no-chat", action="store_true",
+                    help="feed the bare prompt; by default each item is the user turn of the export's chat template "
+                         "when it carries one (instruct models), as RULER prompts each model")
     ap.add_argument("--budget", type=int, default=256, help="rows attended per step and stream: sinks+recent+top_k")
     add_sparse_args(ap, {"recent": 32, "sinks": 4, "rank": 32})  # top_k: what the budget leaves
     ap.add_argument("--n", type=int, default=5, help="items per task and length")
@@ -164,6 +178,26 @@ def run_item(base: SparseDecoder, ctx: list[int], question: list[int], cap: int,
     return {label: (outs[i], ended[i] or decoders[i].stats, seconds, steps) for i, (label, _) in enumerate(methods)}
 
 
+def loki_basis(export, dtype, windows: int = 4, length: int = 2048) -> Path:
+    """The export's offline Loki basis (LOKI_BASIS beside its weights), fitted on first use on `windows` windows of
+    `length` tokens of the embedded corpus (calibration text, as the paper fits offline; qa's documents come from
+    the same plays)."""
+    from lrkv.data import shakespeare_files
+    from lrkv.inference.sparse.policies.loki import fit_basis
+
+    path = export.path / LOKI_BASIS
+    if path.is_file():
+        return path
+    ids = []
+    for file in shakespeare_files():
+        ids += encode(export.tokenizer, file.read_text(encoding="utf-8"))
+        if len(ids) >= windows * length:
+            break
+    print(f"fitting Loki's offline basis on {windows} x {length} corpus tokens -> {path}", flush=True)
+    chunks = torch.tensor(ids[: windows * length]).view(windows, length)
+    return fit_basis(export.model(dtype=dtype), list(chunks), path)
+
+
 def resident_bytes(model, cfg: SparseConfig | None, length: int) -> int:
     """GPU-resident bytes at `length` tokens in bf16: the full KV cache, or the sparse decoder's GPU plan."""
     if cfg is None:
@@ -177,16 +211,27 @@ def item_order(lengths, tasks, start: int, n: int) -> list[tuple[int, str, int]]
 
 
 def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log=print,
-             sink: Path | None = None, start: int = 0, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+             sink: Path | None = None, start: int = 0, shard: tuple[int, int] = (0, 1),
+             protocol: str = "dense-question", chat=None) -> list[dict]:
     """One row per (length, task, method, item): score, generated text, bytes, time; each item's rows are also
     appended to `sink` (JSON lines) as soon as they exist, so an interrupted run keeps what it measured.
-    shard (j, N): only the j-th of every N items in (length, task, item) order."""
-    records = []
-    for length, task, i in item_order(lengths, tasks, start, n)[shard[0]::shard[1]]:
+    shard (j, N): only the j-th of every N items in (length, task, item) order. protocol: PROTOCOLS. chat: a
+    function wrapping a prompt as the model's user turn (Export.chat_prompt), or None for the bare prompt."""
+    records, todo, began = [], item_order(lengths, tasks, start, n)[shard[0]::shard[1]], time.perf_counter()
+    for done, (length, task, i) in enumerate(todo, 1):
         cap = GEN_CAP[task]
         item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
         cap = min(cap, answer_budget(tok, item))
-        ctx, question = encode(tok, item.context), encode(tok, item.question)
+        ctx_text, question_text = item.context, item.question
+        if chat is not None:  # the template's head joins the context, its tail (the assistant's turn) the question
+            wrapped = chat(item.context + item.question)
+            cut = wrapped.rfind(item.question)
+            if cut < 0:
+                raise ValueError(f"the chat template changed the text of a {task} question; run with --no-chat")
+            ctx_text, question_text = wrapped[:cut], wrapped[cut:]
+        ctx, question = encode(tok, ctx_text), encode(tok, question_text)
+        if protocol == "dense-question":  # the question joins the exact prefill
+            ctx, question = ctx + question, []
         base = SparseDecoder(model, SparseConfig(policy="streaming", top_k=1, recent=1),
                              max_context=len(ctx) + len(question) + cap + 1)
         t0 = time.perf_counter()
@@ -198,7 +243,8 @@ def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log
             text = tok.decode(tokens)
             steps = max(stats.steps, 1)
             row_bytes = 2 * geometry(model_cfg, cfg, 1).row if cfg is not None else 0
-            rec = {"length": length, "task": task, "item": i, "method": label,
+            rec = {"length": length, "task": task, "item": i, "method": label, "protocol": protocol,
+                   "chat": chat is not None,
                    "prompt": len(ctx) + len(question),
                    "score": 100.0 * string_match_all(text, item.answers), "output": text,
                    "answers": item.answers, "gpu_bytes": resident_bytes(model, cfg, len(ctx) + len(question)),
@@ -212,8 +258,10 @@ def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log
         if sink is not None:
             with sink.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records[-len(methods):])
-        log(f"[{length} {task} #{i}] prompt {len(ctx) + len(question)} tok, {time.perf_counter() - t0:.1f} s: "
-            + ", ".join(line), flush=True)
+        elapsed = time.perf_counter() - began
+        log(f"[{done}/{len(todo)}] {length} {task} #{i}: prompt {len(ctx) + len(question)} tok, "
+            f"{time.perf_counter() - t0:.1f} s: " + ", ".join(line)
+            + f" | elapsed {elapsed / 60:.1f} min, ETA {elapsed / done * (len(todo) - done) / 60:.1f} min", flush=True)
     return records
 
 
@@ -291,6 +339,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error(f"unknown task(s) {unknown}; expected some of {list(RULER_TASKS)}")
     export = open_export(args.export)
     model_cfg, tok, eos = export.config, export.tokenizer, set(export.eos_ids)
+    if any(cfg is not None and cfg.policy == "loki" and cfg.knobs.basis == "offline" for _, cfg in methods):
+        basis = str(loki_basis(export, DTYPES[args.dtype]))
+        methods = [(label, dataclasses.replace(cfg, knobs=dataclasses.replace(cfg.knobs, basis=basis)))
+                   if cfg is not None and cfg.policy == "loki" and cfg.knobs.basis == "offline" else (label, cfg)
+                   for label, cfg in methods]
     for _, cfg in methods:
         if cfg is not None:
             cfg.validate(model_cfg.dh)
@@ -309,13 +362,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if "qa" in tasks:
             corpus_speeches()  # parse the corpus up front, not in the middle of a long run
         records = evaluate(model, tok, model_cfg, tasks, lengths, args.n, methods, eos, args.seed,
-                           sink=out / "records.jsonl", start=args.start, shard=args.shard or (0, 1))
+                           sink=out / "records.jsonl", start=args.start, shard=args.shard or (0, 1),
+                           protocol=args.protocol,
+                           chat=export.chat_prompt if export.chat_template and not args.no_chat else None)
         if args.shard:  # a worker of --jobs: the parent writes the report
             return records
     wall = time.time() - t0
     settings = {label: (dataclasses.asdict(cfg) if cfg else "full") for label, cfg in methods}
     (out / "settings.json").write_text(json.dumps(settings, indent=1))
-    return write_report(records, specs, out, f"`{args.export}`, budget {args.budget} rows/step (sinks {args.sinks}, "
+    return write_report(records, specs, out, f"`{args.export}`, {args.protocol} protocol, budget {args.budget} "
+                                             f"rows/step (sinks {args.sinks}, "
                                              f"recent {args.recent}), rank {args.rank}, {args.dtype}, "
                                              f"{args.jobs} job(s), wall {wall / 60:.1f} min")
 
@@ -347,6 +403,7 @@ def write_report(records: list[dict], specs: list[str], out: Path, about: str) -
     report = (f"# RULER-style suite\n\n{about}\n\n" + tables(records, specs) + "\n![accuracy](ruler_accuracy.png)\n")
     (out / "ruler.md").write_text(report)
     print(report)
+    print(f"report: {out / 'ruler.md'}, plot: {out / 'ruler_accuracy.png'}, records: {out / 'records.jsonl'}")
     return records
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ DeepSpeed's zero_to_fp32, or a run folder, meaning its checkpoints/last.ckpt):
 from __future__ import annotations
 
 import argparse
+import functools
 import ast
 import dataclasses
 import json
@@ -329,6 +330,30 @@ class Export:
 
     def model(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
         return load_export(self.path, device, dtype, cfg=self.config)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template in tokenizer_config.json (converted instruct models carry their own), or None."""
+        try:
+            return json.loads((self.path / "tokenizer_config.json").read_text()).get("chat_template")
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def chat_prompt(self, user: str) -> str:
+        """`user` as the one user turn of the export's chat template, up to where the assistant's answer starts,
+        rendered by transformers' own chat-template code (jinja2) from the export's tokenizer files."""
+        if not self.chat_template:
+            raise ExportError(f"{self.path}: tokenizer_config.json has no chat_template to wrap a prompt in")
+        return _hf_tokenizer(self.path).apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                            add_generation_prompt=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(path: Path):
+    # the fast tokenizer class itself: AutoTokenizer would follow config.json's auto_map and ask to trust remote code
+    from transformers import PreTrainedTokenizerFast  # slow to import: only for chat prompts
+
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def open_export(export_dir: str | Path) -> Export:

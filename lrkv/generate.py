@@ -24,6 +24,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="export folder (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as the user turn of the export's chat template (instruct models) and print "
+                        "only the reply")
     p.add_argument("--cache", choices=CACHE_MODES, default="full",
                    help="full: the model's own KV cache (default); lrqk: the LRQK hybrid GPU-CPU decoder")
     lrqk = p.add_argument_group("lrqk cache (only with --cache lrqk; explicit flags override the preset)")
@@ -50,6 +53,7 @@ if __name__ == "__main__":  # --help and usage errors are answered here, before 
 
 import torch  # noqa: E402
 
+from lrkv.export import open_export  # noqa: E402
 from lrkv.inference.generator import DTYPES, Generator, Sampling  # noqa: E402
 from lrkv.inference.sparse import MemoryPlanError, check_fits  # noqa: E402
 
@@ -102,19 +106,25 @@ def run(args: argparse.Namespace) -> None:
                                     lrqk=sparse_config(args) if args.cache == "lrqk" else None,
                                     strict_context=args.strict_context)
     sampling = Sampling(args.temperature, args.sample_top_k, args.top_p, args.seed)
+    if args.chat:
+        export = open_export(args.checkpoint)
+        prompts = [export.chat_prompt(p) for p in args.prompt]
+    else:
+        prompts = args.prompt
+    shown = [""] * len(prompts) if args.chat else prompts  # a chat reply is printed without the template around it
     if args.cache == "lrqk":  # before any cache memory is allocated
-        plan = gen.memory_plan(len(args.prompt), max(len(gen.encode(p)) for p in args.prompt) + args.max_new_tokens)
+        plan = gen.memory_plan(len(prompts), max(len(gen.encode(p)) for p in prompts) + args.max_new_tokens)
         print(f"[memory plan] {plan}", file=sys.stderr)
         check_fits(plan, gen.device)
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop, stop_ids=args.stop_id)
     if args.stream:
-        print(args.prompt[0], end="", flush=True)
-        for deltas in gen.stream(args.prompt, **kwargs):
+        print(shown[0], end="", flush=True)
+        for deltas in gen.stream(prompts, **kwargs):
             print("".join(d.text for d in deltas), end="", flush=True)
         print()
     else:
-        for i, c in enumerate(gen.generate(args.prompt, **kwargs)):
-            print(f"{'' if len(args.prompt) == 1 else f'[{i}] '}{args.prompt[i]}{c.text}")
+        for i, c in enumerate(gen.generate(prompts, **kwargs)):
+            print(f"{'' if len(prompts) == 1 else f'[{i}] '}{shown[i]}{c.text}")
     if args.stats:
         print_stats(gen)
 

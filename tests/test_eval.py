@@ -366,6 +366,12 @@ def test_ruler_every_method_equals_full_when_the_budget_covers_the_prompt(tok):
     outputs = {r["method"]: r["output"] for r in records}
     assert len(set(outputs.values())) == 1, outputs  # one prefill, seven decoders, identical greedy text
     assert all(r["h2d_per_step"] == 0 for r in records)  # everything resident from the prefill on
+    sparse_q = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, wide[:1], protocol="sparse-question",
+                              **quiet)
+    # full attention is exact whether the question is prefilled or decoded token by token
+    assert sparse_q[0]["output"] == outputs["full"] and (sparse_q[0]["protocol"], records[0]["protocol"]) == (
+        "sparse-question", "dense-question")
+    assert sparse_q[0]["steps"] > records[0]["steps"]  # the question's tokens were decode steps
     narrow = [parse_method(m, 24, base) for m in ("full", "lrqk", "streaming")]
     records = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, narrow, **quiet)
     by = {r["method"]: r for r in records}
@@ -538,3 +544,28 @@ def test_a_bad_export_is_one_error_line(tmp_path, command):
     assert out.returncode == 2
     missing = tmp_path / "missing"
     assert out.stderr.strip().splitlines() == [f"error: {missing}: no config.json; not an lrkv export folder"]
+
+
+def test_ruler_wraps_items_in_the_chat_template_and_fits_lokis_offline_basis_once(tok, tmp_path):
+    """A chat template's head joins the prefilled context and its tail (the assistant's turn) the question: the
+    prompt is the wrapped item, token for token. `loki:basis=offline` fits the export's basis on first use only."""
+    from eval.long_context import encode, make_item
+    from eval.ruler import LOKI_BASIS, evaluate as ruler_evaluate
+    from eval.ruler import loki_basis, parse_method
+    from lrkv.export import open_export, save_export
+
+    torch.manual_seed(0)
+    model = Transformer(tiny("gqa", max_seq_len=512)).eval()
+    chat = lambda user: f"<user>{user}</user><assistant>"  # noqa: E731
+    methods = [parse_method("full", 64, SparseConfig(recent=8, sinks=2))]
+    quiet = {"eos": set(), "log": lambda *a, **k: None}
+    rec = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, methods, chat=chat, **quiet)[0]
+    item = make_item("niah_single", tok, 300 - 128, 0, depth=0.1)
+    assert rec["chat"] and rec["prompt"] == len(encode(tok, chat(item.context)[: -len("</user><assistant>")])) + len(
+        encode(tok, item.question + "</user><assistant>"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    export = open_export(save_export(model.state_dict(), model.cfg, tmp_path / "export", tmp_path / "tokenizer.json"))
+    path = loki_basis(export, torch.float32, windows=2, length=64)
+    assert path == export.path / LOKI_BASIS and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert loki_basis(export, torch.float32, windows=2, length=64) == path and path.stat().st_mtime_ns == stamp

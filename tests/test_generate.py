@@ -346,3 +346,21 @@ def test_cli_sparse_flags_preset_overrides_and_full_cache_refusal(exports, capsy
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(exports["lrkv"]), "--prompt", "We", "--top-k", "8"])
     assert e.value.code == 2 and "only apply to --cache lrqk" in capsys.readouterr().err
+
+
+def test_chat_wraps_each_prompt_in_the_exports_template(tmp_path, tokenizer_file, capsys):
+    """--chat renders the export's chat template (transformers' jinja2 machinery) around each prompt and prints only
+    the reply, which is what greedy decoding of the rendered prompt gives; an export without a template is one
+    clear error."""
+    from lrkv.export import open_export
+
+    out = make_export(tmp_path, tokenizer_file, "gqa")
+    assert "no chat_template" in _error(capsys, "--checkpoint", str(out), "--prompt", "x", "--chat")[-1]
+    cfg_file = out / "tokenizer_config.json"
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "chat_template": template}))
+    assert open_export(out).chat_prompt("ROMEO?") == "[user] ROMEO?\n[assistant] "
+    expected = Generator.from_checkpoint(out).generate(["[user] ROMEO?\n[assistant] "], max_new_tokens=6)[0].text
+    assert main(["--checkpoint", str(out), "--prompt", "ROMEO?", "--chat", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
