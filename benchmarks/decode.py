@@ -3,8 +3,8 @@
     python benchmarks/decode.py                              # CPU: lrkv_debug shape, contexts 1K..8K
     python benchmarks/decode.py --device cuda --batch 8      # GPU: lrkv_125m shape, contexts 4K..128K
     python benchmarks/decode.py --device cuda --hf-export DIR --text book.txt   # converted Llama/Qwen2 export
-    python benchmarks/decode.py --hf-export DIR --transformers FILE.gguf --policies lrqk,exact,quest,loki,h2o,streaming \
-        --contexts 1024,4096,8192      # a real model: transformers' own cache vs lrkv full vs every selection policy
+    python benchmarks/decode.py --hf-export DIR --transformers FILE.gguf \
+        --policies lrqk,exact,quest,loki,h2o,streaming --contexts 1024,4096,8192   # transformers vs lrkv, every policy
     python benchmarks/decode.py --hf-export DIR --transformers FILE.gguf --dtype bf16 --floor [--json]
                                        # each step beside the memory floor measured in the same run
 
@@ -234,10 +234,11 @@ def weight_bytes(model: Transformer) -> int:
     return total if model.cfg.tie_embeddings else total - model.embed.weight.numel() * model.embed.weight.element_size()
 
 
-def read_bandwidth(n_bytes: int, width: int, dtype: torch.dtype, device: str, repeats: int = 7) -> float:
-    """Bytes/s of one token through a (n_bytes / width / elt, width) linear layer in `dtype`: the weight read of a
-    decode step, in one matrix. Median of `repeats` after a warm-up."""
-    rows = max(n_bytes // (width * torch.empty((), dtype=dtype).element_size()), 1)
+def read_bandwidth(model: Transformer, args: argparse.Namespace, repeats: int = 7) -> float:
+    """Bytes/s of one token through a linear layer of d_model inputs holding as many bytes as the model's weights in
+    the run's dtype: a decode step's weight read, in one matrix. Median of `repeats` after a warm-up."""
+    dtype, device, width = args.dtype, args.device, model.cfg.d_model
+    rows = max(weight_bytes(model) // (width * torch.empty((), dtype=dtype).element_size()), 1)
     w = torch.full((rows, width), 1e-3, dtype=dtype, device=device)
     x = torch.ones(1, width, dtype=dtype, device=device)
     torch.nn.functional.linear(x, w)
@@ -273,7 +274,8 @@ def add_floor(rows: list[dict], models: dict, lrqk: SparseConfig, bandwidth: flo
 
 
 # the decode step's named ranges (SparseLayer.decode; lrqk.solve nests in sparse.score, sparse.gather in sparse.pool)
-PHASES = ("sparse.store", "sparse.score", "lrqk.solve", "sparse.topk", "sparse.pool", "sparse.gather", "sparse.attention")
+PHASES = ("sparse.store", "sparse.score", "lrqk.solve", "sparse.topk", "sparse.pool", "sparse.gather",
+          "sparse.attention")
 
 
 def phase_split(decoder: SparseDecoder, token: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -303,7 +305,7 @@ def phase_split(decoder: SparseDecoder, token: torch.Tensor, args: argparse.Name
              "top-k": t["sparse.topk"], "hit/miss": minus(t["sparse.pool"], t["sparse.gather"]),
              "gather": t["sparse.gather"], "attention": t["sparse.attention"], "store": t["sparse.store"]}
     step = elapsed * per
-    rest = step - sum(t[k][0] for k in ("sparse.store", "sparse.score", "sparse.topk", "sparse.pool", "sparse.attention"))
+    rest = step - sum(t[k][0] for k in PHASES if k not in ("lrqk.solve", "sparse.gather"))  # those two are nested
     return {**named, "rest of the layer (projections, MLP)": (rest, None), "step": (step, None)}
 
 
@@ -416,11 +418,11 @@ def main(argv: list[str] | None = None) -> None:
         counted = {"MHA": mha, "LRKV": lrkv}
     head_dim = next(iter(cfgs.values()))[0].dh
     # without a preset: the paper's rank at head_dim 128 scaled to this head_dim, and a top-k per device
-    lrqk = sparse_config(args, SparseConfig(top_k=2048 if args.device == "cuda" else 256).tuned(rank=max(head_dim // 4, 1)))
+    base = SparseConfig(top_k=2048 if args.device == "cuda" else 256).tuned(rank=max(head_dim // 4, 1))
+    lrqk = sparse_config(args, base)
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
     biggest = max(counted.values(), key=weight_bytes)
-    measure_bw = lambda: read_bandwidth(weight_bytes(biggest), biggest.cfg.d_model, args.dtype, args.device)  # noqa: E731
-    bandwidth = [measure_bw()] if args.floor else []
+    bandwidth = [read_bandwidth(biggest, args)] if args.floor else []
     say(f"decode benchmark on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
           f"dtype {str(args.dtype).removeprefix('torch.')}, batch {args.batch}, {args.warmup} warmup + "
           f"{args.steps} timed decode steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -437,16 +439,17 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(measure(label, model, cache, lrqk, ctx, tokens, args, bases))
             print(f"  done {fmt_ctx(ctx)} {label}-{cache}", file=sys.stderr, flush=True)
     if args.floor:
-        bandwidth.append(measure_bw())
+        bandwidth.append(read_bandwidth(biggest, args))
         say(f"  read bandwidth (one token through a {weight_bytes(biggest) / 2**30:.2f} GiB linear layer): "
-            f"{bandwidth[0] / 1e9:.1f} GB/s before the rows, {bandwidth[1] / 1e9:.1f} GB/s after; floor from their mean")
+            f"{bandwidth[0] / 1e9:.1f} GB/s before the rows, {bandwidth[1] / 1e9:.1f} GB/s after; "
+            "floor from their mean")
         add_floor(rows, counted, lrqk, sum(bandwidth) / 2, args)
     if args.json:
         for r in rows:
+            keys = {"step_ms": "ms", "floor_ms": "floor_ms", "ratio": "ratio", "read_bytes": "read_bytes",
+                    "prefill_s": "prefill_s", "tok_s": "tok_s", "skip": "skip"}
             print(json.dumps({"model": r["model"], "context": r["ctx"], "method": r["cache"],
-                              **{k: r[key] for k, key in (("step_ms", "ms"), ("floor_ms", "floor_ms"), ("ratio", "ratio"),
-                                                          ("read_bytes", "read_bytes"), ("prefill_s", "prefill_s"),
-                                                          ("tok_s", "tok_s"), ("skip", "skip")) if key in r}}))
+                              **{k: r[key] for k, key in keys.items() if key in r}}))
         return
     print_table(rows, args.floor)
     print_split(rows)

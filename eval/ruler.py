@@ -71,9 +71,9 @@ def parser() -> argparse.ArgumentParser:
                     help=f"comma list of policies ({' '.join(POLICIES)}), each with optional :key=value overrides "
                          "(budget, a SparseConfig field or a knob of the policy), e.g. lrqk:rank=8")
     ap.add_argument("--protocol", choices=PROTOCOLS, default="dense-question",
-                    help="dense-question: context and question prefilled exactly, the answer decoded sparsely (the LRQK "
-                         "paper's protocol); sparse-question: the question also decoded through each method (default "
-                         "%(default)s)")
+                    help="dense-question: context and question prefilled exactly, the answer decoded sparsely (the "
+                         "LRQK paper's protocol); sparse-question: the question also decoded through each method "
+                         "(default %(default)s)")
     ap.add_argument("--no-chat", action="store_true",
                     help="feed the bare prompt; by default each item is the user turn of the export's chat template "
                          "when it carries one (instruct models), as RULER prompts each model")
@@ -149,7 +149,8 @@ def parse_method(spec: str, budget: int, base: SparseConfig) -> tuple[str, Spars
 def run_item(base: SparseDecoder, ctx: list[int], question: list[int], cap: int, methods, eos: set[int]) -> dict:
     """Prefill once, fork every method, then decode the question and answer with all methods as one batch (Lockstep:
     one model forward per step). Full attention is the `full` policy's fork, every row resident (tested equal to the
-    model's own cache). Per method: (new tokens, stats when its answer ended, decode seconds and batched steps, shared)."""
+    model's own cache). Per method: (new tokens, stats when its answer ended, decode seconds and batched steps,
+    shared)."""
     logits = base.prefill(torch.tensor([ctx]), keep_prompt=True, logits_to_keep=1)
     decoders = [base.fork(SparseConfig.full(base.max_context) if cfg is None else cfg) for _, cfg in methods]
     M = len(methods)

@@ -1,5 +1,6 @@
-"""LRQK decoder (docs/lrqk.md §7, correctness tests): exactness when everything fits, oracle selection vs an independent
-sparse attention, cache invariants and accounting, ALS / Kaczmarz algebra, proxy recall, errors, memory plan."""
+"""The sparse engine and its policies (docs/lrqk.md §7, correctness tests): exactness when everything fits, oracle
+selection vs an independent sparse attention, cache invariants and accounting, ALS / Kaczmarz algebra, proxy recall,
+errors, memory plan, each policy against a computation from the module's weights, the registry as the plug-in."""
 
 import dataclasses
 
@@ -595,7 +596,7 @@ def prefill_peak_units(proxy: str, T: int = 512) -> float:
     torch.manual_seed(0)
     model = Transformer(m).to(torch.bfloat16).eval()
     dec = SparseDecoder(model, SparseConfig(top_k=128, recent=64, proxy=proxy).tuned(rank=32), max_context=T)
-    dec.state = _SparseState(dec, 1, T, keep_prompt=False)  # persistent state allocated up front, outside the measurement
+    dec.state = _SparseState(dec, 1, T, keep_prompt=False)  # persistent state allocated up front, not measured
     dec.state.key_valid(None, 1, T, "cpu")
     attn = model.layers[0].attn
     with torch.no_grad():
@@ -661,7 +662,7 @@ def test_probe_sees_the_selection_and_attention_each_layer_ran(attn, proxy):
     model = build(attn)
     idx = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(7))
     top_k, recent, sinks, steps = 5, 4, 2, 4
-    dec = SparseDecoder(model, SparseConfig(top_k=top_k, recent=recent, sinks=sinks, policy="exact", proxy=proxy).tuned(rank=4))
+    dec = SparseDecoder(model, SparseConfig(top_k=top_k, recent=recent, sinks=sinks, policy="exact", proxy=proxy))
     assert dec.probe is None
     seen, tokens = [], [idx]
     with torch.no_grad():

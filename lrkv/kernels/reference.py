@@ -48,7 +48,7 @@ def attention(q, k, v, mask: torch.Tensor | None = None, scale: float | None = N
     """softmax(q k^T * scale, where mask) v, grouped heads as in causal_attention; mask (bool) broadcasts to
     (B, H, Tq, Tk). SDPA, except for a few queries on a CPU: there the same softmax as explicit matmuls, scores and
     softmax in fp32 and the probabilities in v's dtype for the value product (as flash kernels do). For one bf16
-    query over 4K keys that is 0.2-0.3 ms where SDPA's CPU kernel takes 3.2 ms (per layer of Qwen2.5-0.5B, 2 threads)."""
+    query over 4K keys that is 0.2-0.3 ms where SDPA's CPU kernel takes 3.2 ms (a Qwen2.5-0.5B layer, 2 threads)."""
     B, H, tq, D = q.shape
     Hk = k.shape[1]
     if q.device.type != "cpu" or tq > FEW_QUERIES:

@@ -58,7 +58,8 @@ class SparseConfig:
         if self.knobs is None:
             return replace(self, knobs=kind())
         if type(self.knobs) is not kind:
-            raise ValueError(f"policy '{self.policy}' takes {kind.__qualname__} knobs, got {type(self.knobs).__qualname__}")
+            raise ValueError(f"policy '{self.policy}' takes {kind.__qualname__} knobs, "
+                             f"got {type(self.knobs).__qualname__}")
         return self
 
     def tuned(self, **fields) -> "SparseConfig":

@@ -96,11 +96,10 @@ class SparseLayer(LayerCache):
         else:  # per query head: pool stream (b, h) reads the row stream (KV head) that query head h reads
             layout = module.cache_layout
             self.store_of = self.batch_of * layout.streams + layout.stream_of_head(pool_ids % layout.n_head)
-        view = LayerView(g, index, self.top_k, cfg.recent, cfg.sinks, device, dtype, module.head_dim, module, self.store,
-                         self.pool, generator)
-        self.view = view
+        self.view = LayerView(g, index, self.top_k, cfg.recent, cfg.sinks, device, dtype, module.head_dim, module,
+                              self.store, self.pool, generator)
         policy = policy_class("full" if self.dense else cfg.policy)
-        self.policy = policy(view, policy.Knobs() if self.dense else cfg.knobs, capacity)
+        self.policy = policy(self.view, policy.Knobs() if self.dense else cfg.knobs, capacity)
         self.recall: list[float] = []
         self.prompt: tuple | None = None  # (q, kv) of the prompt, kept when the decoder is asked to (fork)
 

@@ -23,7 +23,8 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.detail.items())
-        return f"sparse memory plan: CPU {self.cpu_bytes / 2**30:.3f} GiB, GPU {self.gpu_bytes / 2**30:.3f} GiB ({parts})"
+        return (f"sparse memory plan: CPU {self.cpu_bytes / 2**30:.3f} GiB, GPU {self.gpu_bytes / 2**30:.3f} GiB "
+                f"({parts})")
 
 
 class MemoryPlanError(MemoryError):
@@ -122,9 +123,11 @@ def check_fits(plan: MemoryPlan, gpu_device: torch.device) -> None:
     host_need = plan.cpu_bytes + (plan.gpu_bytes if gpu_device.type == "cpu" else 0)
     host_free = free_host_bytes()
     if host_need > host_free:
-        raise MemoryPlanError(f"sparse decoder plan needs {host_need} bytes of host memory, only {host_free} are free ({plan})")
+        raise MemoryPlanError(f"sparse decoder plan needs {host_need} bytes of host memory, only {host_free} are free "
+                              f"({plan})")
     if gpu_device.type == "cuda":
         dev_free, _ = torch.cuda.mem_get_info(gpu_device)
         if plan.gpu_bytes > dev_free:
-            raise MemoryPlanError(f"sparse decoder plan needs {plan.gpu_bytes} bytes on {gpu_device}, only {dev_free} are free "
+            raise MemoryPlanError(f"sparse decoder plan needs {plan.gpu_bytes} bytes on {gpu_device}, "
+                                  f"only {dev_free} are free "
                                   f"({plan})")

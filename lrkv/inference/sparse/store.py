@@ -22,7 +22,8 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
         try:
             return torch.empty(shape, dtype=dtype, pin_memory=True)
         except RuntimeError as e:
-            warnings.warn(f"sparse decoder: pinning {shape} {dtype} failed ({str(e).splitlines()[0]}); using pageable memory")
+            warnings.warn(f"sparse decoder: pinning {shape} {dtype} failed ({str(e).splitlines()[0]}); "
+                          "using pageable memory")
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -4,8 +4,8 @@ rebuilds keys from a rank-160 SVD; that approximation is not modelled): "ShadowK
 At prefill the prompt's post-RoPE keys are cut into chunks of `chunk` tokens; each chunk's landmark is its mean
 key. The chunks whose keys agree least with their landmark (lowest minimum cosine similarity; over every head of a
 stream for lrkv) are outliers and always kept, `outlier_share` of the top_k budget (ShadowKV's CPU path: 24 chunks
-of 8 per 1024 budget tokens). A step scores the other chunks' landmarks with softmax(q . landmark / sqrt(D)) per query head and takes
-the max over the stream's heads (ShadowKV: over a KV group); the top_k budget is filled with the outliers, every
+of 8 per 1024 budget tokens). A step scores the other chunks' landmarks with softmax(q . landmark / sqrt(D)) per
+query head and takes the max over the stream's heads (ShadowKV: over a KV group); the top_k budget is filled with the outliers, every
 token after the last whole prompt chunk (ShadowKV keeps the tail and all generated tokens), then the best chunks'
 tokens (a chunk at the budget's edge may be cut). Landmarks are fixed after prefill, as in ShadowKV.
 """
@@ -61,7 +61,8 @@ class ShadowKV(Policy):
         agree = geo.key_streams(cos.amin(3)).amin(1)  # (S, n): the worst key of each chunk, over the stream's heads
         outliers = min(round(self.knobs.outlier_share * self.view.top_k / c), n)
         worst = agree.topk(outliers, dim=-1, largest=False).indices
-        self.kept[:, : n * c] = torch.zeros_like(agree, dtype=torch.bool).scatter_(1, worst, True).repeat_interleave(c, 1)
+        outlier = torch.zeros_like(agree, dtype=torch.bool).scatter_(1, worst, True)
+        self.kept[:, : n * c] = outlier.repeat_interleave(c, 1)
         self.landmarks[:, :, :n] = geo.key_streams(marks)
         return self._scores(q[:, :, -1], T)
 
