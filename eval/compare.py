@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.mqar_steps > 0:
         task = MQARTask(args.mqar_keys, args.mqar_values, args.mqar_pairs, args.mqar_queries)
         lrqk = SparseConfig(top_k=args.mqar_lrqk_top_k, recent=1,
-                          sparse_query_tail=task.queries).tuned(rank=args.mqar_lrqk_rank)
+                            sparse_query_tail=task.queries).tuned(rank=args.mqar_lrqk_rank)
         mq_rows = mqar_study(variants, task, args.mqar_steps, args.mqar_seeds, args.mqar_eval_every,
                              args.mqar_eval, lrqk, out / "mqar.png")
         report += [f"\n## Token-pair recall (MQAR-style, one token per pair: {task.pairs} pairs of {task.keys} keys x "

@@ -172,7 +172,7 @@ class Generator:
         if self.cache == "full":
             return FullDecoder(self.model)
         return SparseDecoder(self.model, self.lrqk, gpu_device=self.device, cpu_device="cpu",
-                           pin_memory=self.device.type == "cuda", max_context=max_context)
+                             pin_memory=self.device.type == "cuda", max_context=max_context)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                  sampling: Sampling | None = None, stop: Sequence[str] = (),
