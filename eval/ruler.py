@@ -179,6 +179,16 @@ def run_item(base: SparseDecoder, ctx: list[int], question: list[int], cap: int,
     return {label: (outs[i], ended[i] or decoders[i].stats, seconds, steps) for i, (label, _) in enumerate(methods)}
 
 
+def split_answer_prefix(question: str) -> tuple[str, str]:
+    """(query, answer prefix) of an item's question, as RULER's templates keep them apart: the prefix starts at the
+    last "Answer: " (vt, cwe, fwe, qa) or after the last question mark (the niah tasks)."""
+    cut = question.rfind("Answer: ")
+    if cut >= 0:
+        return question[:cut].rstrip(" "), question[cut:]
+    cut = question.rfind("? ") + 1
+    return question[:cut], question[cut:].lstrip(" ")
+
+
 def loki_basis(export, dtype, windows: int = 4, length: int = 2048) -> Path:
     """The export's offline Loki basis (LOKI_BASIS beside its weights), fitted on first use on `windows` windows of
     `length` tokens of the embedded corpus (calibration text, as the paper fits offline; qa's documents come from
@@ -224,12 +234,13 @@ def evaluate(model, tok, model_cfg, tasks, lengths, n, methods, eos, seed=0, log
         item = make_item(task, tok, length - cap, seed + i, depth=[0.1, 0.3, 0.5, 0.7, 0.9][i % 5])
         cap = min(cap, answer_budget(tok, item))
         ctx_text, question_text = item.context, item.question
-        if chat is not None:  # the template's head joins the context, its tail (the assistant's turn) the question
-            wrapped = chat(item.context + item.question)
-            cut = wrapped.rfind(item.question)
+        if chat is not None:  # as RULER: the query in the user turn, its answer prefix after the assistant's turn
+            query, prefix = split_answer_prefix(item.question)
+            wrapped = chat(item.context + query)
+            cut = wrapped.rfind(query)
             if cut < 0:
                 raise ValueError(f"the chat template changed the text of a {task} question; run with --no-chat")
-            ctx_text, question_text = wrapped[:cut], wrapped[cut:]
+            ctx_text, question_text = wrapped[:cut], wrapped[cut:] + prefix
         ctx, question = encode(tok, ctx_text), encode(tok, question_text)
         if protocol == "dense-question":  # the question joins the exact prefill
             ctx, question = ctx + question, []

@@ -551,7 +551,7 @@ def test_ruler_wraps_items_in_the_chat_template_and_fits_lokis_offline_basis_onc
     prompt is the wrapped item, token for token. `loki:basis=offline` fits the export's basis on first use only."""
     from eval.long_context import encode, make_item
     from eval.ruler import LOKI_BASIS, evaluate as ruler_evaluate
-    from eval.ruler import loki_basis, parse_method
+    from eval.ruler import loki_basis, parse_method, split_answer_prefix
     from lrkv.export import open_export, save_export
 
     torch.manual_seed(0)
@@ -561,8 +561,12 @@ def test_ruler_wraps_items_in_the_chat_template_and_fits_lokis_offline_basis_onc
     quiet = {"eos": set(), "log": lambda *a, **k: None}
     rec = ruler_evaluate(model, tok, model.cfg, ["niah_single"], [300], 1, methods, chat=chat, **quiet)[0]
     item = make_item("niah_single", tok, 300 - 128, 0, depth=0.1)
-    assert rec["chat"] and rec["prompt"] == len(encode(tok, chat(item.context)[: -len("</user><assistant>")])) + len(
-        encode(tok, item.question + "</user><assistant>"))
+    query, prefix = item.question.split("? ")  # RULER: the answer prefix follows the assistant's turn
+    assert prefix.startswith("The special magic") and split_answer_prefix(item.question) == (query + "?", prefix)
+    assert rec["chat"] and rec["prompt"] == len(encode(tok, "<user>" + item.context)) + len(
+        encode(tok, query + "?</user><assistant>" + prefix))
+    vt = make_item("vt", tok, 600, 0).question
+    assert split_answer_prefix(vt)[1].startswith("Answer: According to the chain")
     tok.save(str(tmp_path / "tokenizer.json"))
     export = open_export(save_export(model.state_dict(), model.cfg, tmp_path / "export", tmp_path / "tokenizer.json"))
     path = loki_basis(export, torch.float32, windows=2, length=64)
