@@ -163,6 +163,20 @@ def prefilled(model, ctx: int, tokens: torch.Tensor, args: argparse.Namespace, b
     return bases[id(model)]
 
 
+def feed(step, tokens: torch.Tensor, ctx: int, positions: range, args: argparse.Namespace,
+         rows: int | None = None) -> list[float]:
+    """Step with tokens[:, ctx + i] for each i in positions (copied to `rows` rows when given: Lockstep's forks of
+    one batch-1 prompt); the seconds of each step."""
+    times = []
+    for i in positions:
+        token = tokens[:, ctx + i : ctx + i + 1]
+        start = time.perf_counter()
+        step(token if rows is None else token.expand(rows, 1))
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def run_case(model, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tensor, args: argparse.Namespace,
              bases: dict) -> dict:
     """Prefill tokens[:, :ctx] (transformers: its own; lrkv: the model's cache or a policy forked from one shared
@@ -181,16 +195,9 @@ def run_case(model, cache: str, lrqk: SparseConfig, ctx: int, tokens: torch.Tens
         decoder = base.full_decoder() if cache == "full" else base.fork(lrqk.with_policy(cache))
         sync(args.device)
         prefill_s += time.perf_counter() - start
-    for i in range(args.warmup):
-        decoder.step(tokens[:, ctx + i : ctx + i + 1])
-    sync(args.device)
+    feed(decoder.step, tokens, ctx, range(args.warmup), args)
     before = dataclasses.asdict(decoder.stats)
-    times = []
-    for i in range(args.warmup, total):
-        start = time.perf_counter()
-        decoder.step(tokens[:, ctx + i : ctx + i + 1])
-        sync(args.device)
-        times.append(time.perf_counter() - start)
+    times = feed(decoder.step, tokens, ctx, range(args.warmup, total), args)
     step_s = sorted(times)[len(times) // 2]  # median: robust to a busy shared machine
     moved = {k: getattr(decoder.stats, k) - before[k] for k in ("hits", "selections", "bytes_moved")}
     if cache == "transformers":
@@ -216,13 +223,10 @@ def run_lockstep(model, methods: list[str], lrqk: SparseConfig, ctx: int, tokens
     forks = [base.fork(SparseConfig.full(base.max_context) if m == "full" else lrqk.with_policy(m)) for m in methods]
     sync(args.device)
     prefill_s += time.perf_counter() - start
-    lock, times = Lockstep(forks), []
-    for i in range(total):
-        start = time.perf_counter()
-        lock.step(tokens[:, ctx + i : ctx + i + 1].expand(len(forks), 1))
-        sync(args.device)
-        times.append(time.perf_counter() - start)
-    step_s = sorted(times[args.warmup:])[args.steps // 2]
+    lock = Lockstep(forks)
+    feed(lock.step, tokens, ctx, range(args.warmup), args, rows=len(forks))
+    times = feed(lock.step, tokens, ctx, range(args.warmup, total), args, rows=len(forks))
+    step_s = sorted(times)[len(times) // 2]
     host, dev = (sum(x) for x in zip(*(f.allocated_bytes() for f in forks)))
     return dict(tok_s=len(forks) / step_s, ms=1e3 * step_s, dev=dev, host=host, prefill_s=prefill_s,
                 moved=sum(f.stats.bytes_moved for f in forks) / total, hit=None, split=None)

@@ -351,11 +351,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error(f"unknown task(s) {unknown}; expected some of {list(RULER_TASKS)}")
     export = open_export(args.export)
     model_cfg, tok, eos = export.config, export.tokenizer, set(export.eos_ids)
-    if any(cfg is not None and cfg.policy == "loki" and cfg.knobs.basis == "offline" for _, cfg in methods):
+    offline = [i for i, (_, cfg) in enumerate(methods)
+               if cfg is not None and cfg.policy == "loki" and cfg.knobs.basis == "offline"]
+    if offline:
         basis = str(loki_basis(export, DTYPES[args.dtype]))
-        methods = [(label, dataclasses.replace(cfg, knobs=dataclasses.replace(cfg.knobs, basis=basis)))
-                   if cfg is not None and cfg.policy == "loki" and cfg.knobs.basis == "offline" else (label, cfg)
-                   for label, cfg in methods]
+        for i in offline:
+            label, cfg = methods[i]
+            methods[i] = label, dataclasses.replace(cfg, knobs=dataclasses.replace(cfg.knobs, basis=basis))
     for _, cfg in methods:
         if cfg is not None:
             cfg.validate(model_cfg.dh)

@@ -126,18 +126,12 @@ class SparseLayer(LayerCache):
             raise RuntimeError("sparse prefill runs once, on an empty cache; decode one token per step afterwards")
         rows = self.module.cache_rows(kv)
         self.store.write(0, rows)
-        k, v = self.prompt_keys(rows, values=True)  # the keys the policy scores: views of the rows for GQA
+        k, v = self.view.leading_keys_values(rows, values=True)  # what the policy scores: views of the rows for GQA
         y = causal_attention(q, k, v, key_valid=key_valid)
         if self.ctx.keep_prompt:
             self.prompt = (q, kv)
         self.seed(q, k, kv, rows)
         return y
-
-    def prompt_keys(self, rows: torch.Tensor, values: bool = False):
-        """The prompt's K (and V if asked) (B, Hk, T, D) from its store rows: the KV heads of a GQA model (never
-        repeated per query head), every head's rebuilt key for LRKV."""
-        T = rows.shape[1]
-        return self.view.keys_values(rows, torch.arange(T, device=rows.device).expand(len(rows), T), values)
 
     def seed(self, q, k, kv, rows):
         """Fit the policy on the prompt (rows already in the store) and fill the pool with the prompt rows already on
@@ -403,7 +397,7 @@ class SparseDecoder:
             mine.store.ready()
             theirs.store.rows[:, :T].copy_(mine.store.rows[:, :T])
             rows = theirs.module.cache_rows(kv)
-            theirs.seed(q, theirs.prompt_keys(rows)[0], kv, rows)
+            theirs.seed(q, theirs.view.leading_keys_values(rows)[0], kv, rows)
         return other
 
     def full_decoder(self) -> FullDecoder:

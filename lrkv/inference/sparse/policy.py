@@ -32,18 +32,23 @@ def qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (q.float().reshape(B, Hk, H // Hk * m, D) @ k.float().mT).view(B, H, m, -1)
 
 
+def max_over_heads(scores: torch.Tensor) -> torch.Tensor:
+    """(S, m, L) -> (S, L): max_h (s_h(j) - max_j' s_h(j')), how a stream of m heads ranks its tokens (docs/lrqk.md §7);
+    with one head its scores (subtracting its max changes no ranking)."""
+    if scores.shape[1] == 1:
+        return scores[:, 0]
+    return (scores - scores.amax(-1, keepdim=True)).amax(1)
+
+
 def select_top_k(scores: torch.Tensor, candidate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scores (S, m, L) per head, candidate (S, L) bool -> ids (S, k'), ok (S, k') of the top-k tokens by
     max_h (s_h(j) - max_j' s_h(j')) over candidates (docs/lrqk.md §7; with m = 1 plain per-head top-k)."""
     if k >= scores.shape[-1]:  # every candidate fits (e.g. full attention as a policy): no ranking needed
         ids = torch.arange(scores.shape[-1], device=scores.device).expand_as(candidate)
         return torch.where(candidate, ids, -1), candidate
-    if scores.shape[1] == 1:  # one head: subtracting its max changes no ranking
-        s = scores[:, 0].masked_fill(~candidate, float("-inf"))
-    else:
-        neg = torch.finfo(scores.dtype).min
-        s = scores.masked_fill(~candidate[:, None], neg)
-        s = (s - s.amax(-1, keepdim=True)).amax(1).masked_fill(~candidate, float("-inf"))
+    # non-candidates at the dtype's lowest finite value first, so that they cannot set a head's max
+    s = max_over_heads(scores.masked_fill(~candidate[:, None], torch.finfo(scores.dtype).min))
+    s = s.masked_fill(~candidate, float("-inf"))
     vals, ids = s.topk(min(k, s.shape[-1]), dim=-1)
     ok = vals > float("-inf")
     return torch.where(ok, ids, -1), ok
@@ -73,11 +78,16 @@ class LayerView:
         B, n = self.geo.batch, rows.shape[1]
         return self.module.keys_values(rows.view(B, -1, n, rows.shape[2]), positions.reshape(B, -1, n), values)
 
+    def leading_keys_values(self, rows: torch.Tensor, values: bool = False):
+        """K (and V if asked) (B, Hk, n, D) of rows (streams, n, row) holding tokens 0..n-1 (the prompt's rows, the
+        store's first n): GQA's KV heads (never repeated per query head), every head's rebuilt key for LRKV."""
+        n = rows.shape[1]
+        return self.keys_values(rows, torch.arange(n, device=rows.device).expand(len(rows), n), values)
+
     def stored_keys_values(self, length: int, values: bool = False):
         """Every stored token's exact K (and V if asked) (B, Hk, length, D), read from the whole row store."""
         self.store.ready()
-        rows = self.store.rows[:, :length].to(self.device)
-        return self.keys_values(rows, torch.arange(length, device=self.device).expand(len(rows), -1), values)
+        return self.leading_keys_values(self.store.rows[:, :length].to(self.device), values)
 
     def resident_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The GPU pool's token ids (S, C) (clamped to 0 where empty), the resident mask (S, C) and their keys

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lrkv.inference.sparse.plan import Geometry
-from lrkv.inference.sparse.policy import Policy
+from lrkv.inference.sparse.policy import Policy, max_over_heads
 from lrkv.inference.sparse.store import grown
 
 
@@ -68,7 +68,7 @@ class Quest(Policy):
         bound = torch.maximum(qs * hi, qs * lo).sum(-1)  # (S, m, pages)
         bound = bound.masked_fill(hi[..., 0] == float("-inf"), float("-inf"))  # pages with no real token
         P, start = self.knobs.page, max(length - self.view.recent, 0)
-        ranked = bound[:, 0] if bound.shape[1] == 1 else (bound - bound.amax(-1, keepdim=True)).amax(1)
+        ranked = max_over_heads(bound)
         ranked = ranked.masked_fill(torch.arange(pages, device=q.device) * P >= start, float("-inf"))
         best = ranked.topk(min(max(self.view.top_k // P, 1), pages), dim=-1)
         chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(1, best.indices, best.values > float("-inf"))
